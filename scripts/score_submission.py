@@ -1,0 +1,63 @@
+"""Score a submission CSV against ground truth with the competition metric.
+
+Run from the repository root::
+
+    .venv/bin/python scripts/score_submission.py submission.csv --truth path/to/stage1_train
+    .venv/bin/python scripts/score_submission.py submission.csv \
+        --truth stage1_train_labels.csv --images path/to/stage1_train --per-image scores.csv
+
+The truth is a folder in the competition layout (with masks), a solution CSV
+with Height/Width, or a train-labels CSV plus ``--images`` for the sizes. The
+submission is validated against the truth's images first; its problems are
+printed and the exit status is 1 if it is invalid. The last line printed is
+``score: <value>``.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from nucleiseg import data, submission
+from nucleiseg.atomic import atomic_path
+
+log = logging.getLogger("score_submission")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("submission", type=Path, help="submission CSV (ImageId,EncodedPixels)")
+    parser.add_argument(
+        "--truth", type=Path, required=True, help="labelled folder or competition CSV"
+    )
+    parser.add_argument(
+        "--images", type=Path, default=None, help="images giving the sizes for a train-labels CSV"
+    )
+    parser.add_argument(
+        "--per-image", type=Path, default=None, help="write per-image scores to this CSV"
+    )
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    truth = data.load_truth(args.truth, args.images)
+    log.info("truth: %d images from %s", len(truth), args.truth)
+    sizes = {image_id: labels.shape for image_id, labels in truth.items()}
+    try:
+        predicted = submission.read_submission(args.submission, sizes)
+    except submission.SubmissionError as error:
+        for problem in error.problems:
+            print(problem)
+        return 1
+    result = submission.score_submission(predicted, truth)
+    if args.per_image is not None:
+        with atomic_path(args.per_image) as tmp:
+            result.per_image.to_csv(tmp, index=False)
+        log.info("per-image scores written to %s", args.per_image)
+    print(f"score: {result.score:.6f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

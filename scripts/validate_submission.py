@@ -1,0 +1,46 @@
+"""Check a submission CSV against the images it must cover.
+
+Run from the repository root::
+
+    .venv/bin/python scripts/validate_submission.py submission.csv --images data/sample/stage1_test
+
+Prints every problem as ``ImageId row N: message`` and exits with status 1 if
+there is any; otherwise prints ``OK: <n> rows, <n> images`` and exits with 0.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from nucleiseg import data, submission
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("submission", type=Path, help="submission CSV (ImageId,EncodedPixels)")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=data.SAMPLE_DIR / data.TEST_STAGE,
+        help="images the submission is for: competition layout or a folder of PNG/TIFF files",
+    )
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    images = data.find_images(args.images)
+    sizes = {image_id: data.image_size(path) for image_id, path in images.items()}
+    problems = submission.validate_submission(args.submission, sizes)
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    rows = pd.read_csv(args.submission, dtype=str, keep_default_na=False)
+    print(f"OK: {len(rows)} rows, {len(sizes)} images")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

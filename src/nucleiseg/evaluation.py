@@ -1,0 +1,80 @@
+"""Summaries of per-image scores: overall and per imaging modality."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from nucleiseg.metric import average_precision
+
+OVERALL = "all"
+
+
+def modality_table(per_image: pd.DataFrame) -> pd.DataFrame:
+    """Mean AP and image count per modality, plus an overall row.
+
+    Args:
+        per_image: One row per image with at least the columns ``modality``
+            and ``score``.
+
+    Returns:
+        Frame indexed by modality (then ``all``) with columns ``images`` and
+        ``mean_ap``.
+    """
+    missing = {"modality", "score"} - set(per_image.columns)
+    if missing:
+        raise ValueError(f"per-image scores lack column(s) {', '.join(sorted(missing))}")
+    if per_image.empty:
+        raise ValueError("no per-image scores to summarize")
+    grouped = per_image.groupby("modality")["score"].agg(images="size", mean_ap="mean")
+    overall = pd.DataFrame(
+        {"images": [len(per_image)], "mean_ap": [per_image["score"].mean()]}, index=[OVERALL]
+    )
+    return pd.concat([grouped, overall]).rename_axis("modality")
+
+
+def fold_table(per_image: pd.DataFrame) -> pd.DataFrame:
+    """Mean AP and image count per fold, plus an overall row (the CV score).
+
+    Args:
+        per_image: One row per image with at least the columns ``fold`` and ``score``.
+
+    Returns:
+        Frame indexed by fold (then ``all``) with columns ``images`` and ``mean_ap``.
+    """
+    grouped = per_image.groupby("fold")["score"].agg(images="size", mean_ap="mean")
+    grouped.index = grouped.index.astype(str)
+    overall = pd.DataFrame(
+        {"images": [len(per_image)], "mean_ap": [per_image["score"].mean()]}, index=[OVERALL]
+    )
+    return pd.concat([grouped, overall]).rename_axis("fold")
+
+
+def score_oof(
+    predictions: Mapping[str, tuple[int, np.ndarray]],
+    truth: Mapping[str, np.ndarray],
+    modalities: Mapping[str, str],
+) -> pd.DataFrame:
+    """Score out-of-fold label images against the truth.
+
+    Args:
+        predictions: Image id -> (fold, predicted label image).
+        truth: Image id -> true label image, for every predicted image.
+        modalities: Image id -> modality, for every predicted image.
+
+    Returns:
+        One row per image: image_id, fold, modality, score, n_true, n_pred.
+    """
+    missing = sorted(set(predictions) - set(truth))
+    if missing:
+        raise KeyError(f"no truth for {len(missing)} predicted image(s), e.g. {missing[0]}")
+    rows = []
+    for image_id, (fold, labels) in tqdm(predictions.items(), desc="score", unit="image"):
+        result = average_precision(truth[image_id], labels)
+        rows.append(
+            (image_id, fold, modalities[image_id], result.score, result.n_true, result.n_pred)
+        )
+    return pd.DataFrame(rows, columns=["image_id", "fold", "modality", "score", "n_true", "n_pred"])
