@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from nucleiseg import data, oof
+from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
 from nucleiseg.metric import average_precision
+from nucleiseg.runs import read_run_info
 
 OVERALL = "all"
 
@@ -78,3 +82,29 @@ def score_oof(
             (image_id, fold, modalities[image_id], result.score, result.n_true, result.n_pred)
         )
     return pd.DataFrame(rows, columns=["image_id", "fold", "modality", "score", "n_true", "n_pred"])
+
+
+def evaluate_run(
+    run_dir: Path, data_dir: Path | None = None, folds_csv: Path = DEFAULT_FOLDS_PATH
+) -> pd.DataFrame:
+    """Per-image scores of a run's saved out-of-fold label images: no model needed.
+
+    Args:
+        run_dir: Run folder holding ``fold<K>/oof/labels/``, or one fold folder.
+        data_dir: Dataset root with the true masks (default: the one the run
+            was trained on, from its ``run.yaml``).
+        folds_csv: Folds file giving each image's modality.
+
+    Returns:
+        One row per image: image_id, fold, modality, score, n_true, n_pred.
+    """
+    predictions = oof.load_oof_labels(run_dir)
+    if data_dir is None:
+        data_dir = Path(read_run_info(next(iter(oof.oof_fold_dirs(run_dir).values())))["data_dir"])
+    images = data.find_images(Path(data_dir) / data.TRAIN_STAGE)
+    missing = sorted(set(predictions) - set(images))
+    if missing:
+        raise data.DataError(f"{data_dir}: no truth for {len(missing)} images, e.g. {missing[0]}")
+    truth = {image_id: data.labels_of(images[image_id]) for image_id in predictions}
+    modalities = fold_assignment(folds_csv, predictions).set_index("image_id")["modality"]
+    return score_oof(predictions, truth, modalities.to_dict())

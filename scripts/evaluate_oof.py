@@ -1,0 +1,48 @@
+"""Recompute the cross-validation score of a run from its saved out-of-fold predictions.
+
+    python scripts/evaluate_oof.py runs/unetpp_effb0
+    python scripts/evaluate_oof.py runs/unetpp_effb0 --per-image oof.csv
+
+No model and no GPU: it reads ``fold<K>/oof/labels/*.png`` and the true masks,
+prints the score per fold and per modality, and ends with ``cv: <value>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from nucleiseg.atomic import atomic_path
+from nucleiseg.evaluation import evaluate_run, fold_table, modality_table
+
+log = logging.getLogger("evaluate_oof")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="run folder holding fold<K>/oof/, or one fold")
+    parser.add_argument(
+        "--data-dir", type=Path, help="dataset root with the truth (default: the run's own)"
+    )
+    parser.add_argument("--folds-csv", type=Path, default=Path("folds/folds.csv"))
+    parser.add_argument("--per-image", type=Path, help="write per-image scores to this CSV")
+    return parser
+
+
+def main(args: argparse.Namespace) -> float:
+    per_image = evaluate_run(args.run_dir, args.data_dir, args.folds_csv)
+    if args.per_image:
+        with atomic_path(args.per_image) as tmp:
+            per_image.to_csv(tmp, index=False)
+    print(fold_table(per_image).to_string(float_format="%.4f"))
+    print()
+    print(modality_table(per_image).to_string(float_format="%.4f"))
+    cv = float(per_image["score"].mean())
+    print(f"cv: {cv:.4f}")
+    return cv
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main(get_args_parser().parse_args())

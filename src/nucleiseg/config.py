@@ -1,0 +1,161 @@
+"""Training configuration: dataclass defaults, then a YAML file, then command-line flags.
+
+The resolved configuration is written next to every checkpoint and prediction,
+so a result can always be traced to the exact settings that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nucleiseg.atomic import atomic_path
+from nucleiseg.modality import BRIGHTFIELD, FLUORESCENCE, TISSUE
+from nucleiseg.postprocess import PostprocessParams
+from nucleiseg.targets import TargetParams
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run and its out-of-fold predictions.
+
+    Attributes:
+        experiment: Name of the run; the default output is ``runs/<experiment>/fold<K>``.
+        model: Model family, a key of ``nucleiseg.models.FAMILIES``.
+        encoder: Encoder name for the family's builder (an smp encoder for U-Net++).
+        encoder_weights: Pretrained encoder weights to load (e.g. ``imagenet``),
+            or None to start from scratch (nothing can be downloaded offline).
+        init_from: Local checkpoint whose model weights start the run.
+        epochs: Training epochs.
+        samples_per_epoch: Random crops drawn per epoch.
+        batch_size: Crops per optimisation step.
+        crop_size: Side of the square training crops, in pixels.
+        scale_range: Range of the random rescaling before cropping.
+        modality_weights: Relative sampling weight of an image of each modality;
+            the rarer kinds are drawn more often than their share of the data.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_epochs: Linear warm-up length before the cosine decay.
+        val_every: Score the validation images every this many epochs (and
+            always after the last one).
+        amp: Mixed precision: bfloat16 autocast on CPU, float16 on CUDA.
+        channels_last: Memory format of the model and inputs (faster convolutions).
+        num_workers: DataLoader worker processes.
+        loss: Loss of the semantic family: ``bce_dice`` is per-channel sigmoid
+            binary cross-entropy plus soft Dice, each channel a separate binary map
+            (body, border and separation overlap, so no softmax).
+        seed: Seed of weights, crops and augmentation.
+        targets: How the training targets are drawn.
+        postprocess: Probabilities -> instances thresholds used for validation
+            and OOF labels.
+    """
+
+    experiment: str = "unetpp_effb0"
+    model: str = "unetpp"
+    encoder: str = "tu-efficientnet_b0"
+    encoder_weights: str | None = None
+    init_from: str | None = None
+    epochs: int = 30
+    samples_per_epoch: int = 576
+    batch_size: int = 8
+    crop_size: int = 256
+    scale_range: tuple[float, float] = (0.6, 1.6)
+    modality_weights: dict[str, float] = field(
+        default_factory=lambda: {FLUORESCENCE: 1.0, BRIGHTFIELD: 3.0, TISSUE: 2.0}
+    )
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    val_every: int = 5
+    amp: bool = True
+    channels_last: bool = True
+    num_workers: int = 1
+    loss: str = "bce_dice"
+    seed: int = 0
+    targets: TargetParams = field(default_factory=TargetParams)
+    postprocess: PostprocessParams = field(default_factory=PostprocessParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), as written to YAML."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Instantiate a config dataclass from a dict, rejecting unknown keys by name."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: {name} must be a mapping")
+            value = _build(hint, value, f"{where}.{name}")
+        elif typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict update: nested mappings are merged, other values replaced."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Defaults, updated by a YAML file, updated by explicit overrides.
+
+    Args:
+        path: YAML file with any subset of the settings (nested for ``targets``
+            and ``postprocess``), or None.
+        overrides: Settings given on the command line; None values are ignored
+            so that unset flags keep the file's value.
+
+    Returns:
+        The resolved configuration.
+
+    Raises:
+        ValueError: On an unknown setting, naming it.
+    """
+    values = TrainConfig().to_dict()
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        with path.open() as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of settings")
+        values = merge(values, loaded)
+        where = str(path)
+    if overrides:
+        values = merge(values, {k: v for k, v in overrides.items() if v is not None})
+    return _build(TrainConfig, values, where)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write the resolved configuration as YAML, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

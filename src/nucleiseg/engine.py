@@ -1,0 +1,326 @@
+"""The training engine shared by the model families.
+
+One fold's run: train for the configured epochs, score the whole validation
+images with the competition metric every few epochs, write the best and the
+last checkpoint and one CSV row per epoch, then predict the validation images
+out of fold. An interrupted run resumes from its last checkpoint and ends
+exactly as an uninterrupted one would: the crops of every epoch depend only
+on (seed, epoch, index), and the checkpoint holds the random state.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import random
+import resource
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from nucleiseg import oof
+from nucleiseg.atomic import atomic_path
+from nucleiseg.augment import train_transform
+from nucleiseg.config import TrainConfig, save_config
+from nucleiseg.data import TRAIN_STAGE, Sample, find_images
+from nucleiseg.dataset import NucleiDataset, load_samples, sample_weights
+from nucleiseg.folds import fold_assignment, parse_fold_list
+from nucleiseg.inference import autocast, predict_logits
+from nucleiseg.losses import get_loss
+from nucleiseg.metric import average_precision
+from nucleiseg.models import build_model
+from nucleiseg.postprocess import instances_from_probabilities
+from nucleiseg.runs import BEST, CONFIG, EPOCHS_CSV, LAST, WEIGHTS, write_run_info
+from nucleiseg.targets import make_targets
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's global generators.
+
+    numpy's legacy global generator is left alone: the code here draws from
+    explicit ``np.random.Generator`` objects seeded per item.
+    """
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocations on a GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Trainer:
+    """Model, optimiser and schedule of one fold, built from the configuration."""
+
+    config: TrainConfig
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+
+    @classmethod
+    def create(cls, config: TrainConfig, device: torch.device) -> Trainer:
+        seed_everything(config.seed)
+        model = build_model(config).to(device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        steps_per_epoch = max(1, config.samples_per_epoch // config.batch_size)
+        schedule = warmup_cosine(
+            config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        # Loss scaling is only needed for float16; bfloat16 has float32's range.
+        scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
+        return cls(config, device, model, optimizer, scheduler, scaler, steps_per_epoch)
+
+    def state(self, epoch: int, history: list[dict], best_score: float) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "config": self.config.to_dict(),
+            "seed": self.config.seed,
+            "history": history,
+            "best_score": best_score,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def restore(self, state: dict) -> tuple[int, list[dict], float]:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        return state["epoch"], state["history"], state["best_score"]
+
+    def train_one_epoch(self, loader: DataLoader, epoch: int) -> float:
+        """One pass over the loader; returns the mean training loss."""
+        loss_fn = get_loss(self.config.loss)
+        self.model.train()
+        total, count = 0.0, 0
+        progress = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch")
+        for images, targets in progress:
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            if self.config.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.config.amp):
+                logits = self.model(images)
+            loss = loss_fn(logits, targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            total += loss.item() * len(images)
+            count += len(images)
+            progress.set_postfix(loss=f"{total / count:.4f}")
+        return total / max(count, 1)
+
+    def predict(self, sample: Sample) -> tuple[np.ndarray, float]:
+        """Probabilities of a whole image and the loss against its targets."""
+        self.model.eval()
+        logits = predict_logits(self.model, sample.image, self.device, self.config.amp)
+        targets = torch.from_numpy(make_targets(sample.labels, self.config.targets))
+        loss = get_loss(self.config.loss)(logits[None], targets[None]).item()
+        return torch.sigmoid(logits).numpy(), loss
+
+    def validate(self, samples: Sequence[Sample]) -> tuple[float, float]:
+        """Mean loss and mean AP (competition metric, after postprocessing) on whole images."""
+        losses, scores = [], []
+        for sample in tqdm(samples, desc="validate", unit="image", leave=False):
+            probabilities, loss = self.predict(sample)
+            labels = instances_from_probabilities(probabilities, self.config.postprocess)
+            losses.append(loss)
+            scores.append(average_precision(sample.labels, labels).score)
+        return float(np.mean(losses)), float(np.mean(scores))
+
+
+def _save(state: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _write_history(history: list[dict], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False, float_format="%.6g")
+
+
+def save_compact_weights(model: nn.Module, path: Path) -> None:
+    """Model weights alone, floating-point tensors in float16: what a finished fold keeps."""
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    _save(state, path)
+
+
+def train_fold(
+    config: TrainConfig,
+    train_samples: Sequence[Sample],
+    val_samples: Sequence[Sample],
+    modalities: Mapping[str, str],
+    out_dir: Path,
+    device: torch.device,
+    resume: bool = False,
+) -> nn.Module:
+    """Train one fold, checkpointing every epoch, and predict its validation images.
+
+    Args:
+        config: The resolved configuration.
+        train_samples: Training images with labels.
+        val_samples: The fold's held-out images with labels.
+        modalities: Image id -> modality, for sampling the rarer kinds more often.
+        out_dir: Run folder of the fold; receives config.yaml, epochs.csv,
+            last.ckpt, best.ckpt, weights_fp16.pt and oof/.
+        device: Where to train.
+        resume: Continue from ``out_dir/last.ckpt``. Without it, a folder that
+            already holds a checkpoint is an error, so nothing is overwritten
+            by accident.
+
+    Returns:
+        The model after the last epoch.
+    """
+    out_dir = Path(out_dir)
+    last_path = out_dir / LAST
+    if last_path.exists() and not resume:
+        raise FileExistsError(
+            f"{last_path} exists: pass --resume to continue it, or choose another --out-dir"
+        )
+    trainer = Trainer.create(config, device)
+    start_epoch, history, best_score = 0, [], -1.0
+    if resume and last_path.exists():
+        start_epoch, history, best_score = trainer.restore(
+            torch.load(last_path, map_location=device, weights_only=False)
+        )
+        log.info("resuming %s after epoch %d", out_dir, start_epoch)
+    save_config(config, out_dir / CONFIG)
+
+    dataset = NucleiDataset(
+        train_samples,
+        transform=train_transform(config.crop_size, config.scale_range),
+        samples_per_epoch=trainer.steps_per_epoch * config.batch_size,
+        target_fn=functools.partial(make_targets, params=config.targets),
+        probabilities=sample_weights(
+            [modalities[s.image_id] for s in train_samples], config.modality_weights
+        ),
+        seed=config.seed,
+    )
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        dataset.set_epoch(epoch)
+        loader = DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=False,
+            drop_last=True,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": trainer.train_one_epoch(loader, epoch),
+            "val_loss": float("nan"),
+            "val_map": float("nan"),
+            "lr": trainer.scheduler.get_last_lr()[0],
+        }
+        if (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs:
+            row["val_loss"], row["val_map"] = trainer.validate(val_samples)
+        row["seconds"] = time.perf_counter() - started
+        row["peak_memory_mb"] = peak_memory_mb(device)
+        history.append(row)
+        log.info(
+            "epoch %d: train loss %.4f, val loss %.4f, val mAP %.4f, %.0f s",
+            row["epoch"],
+            row["train_loss"],
+            row["val_loss"],
+            row["val_map"],
+            row["seconds"],
+        )
+        state = trainer.state(epoch + 1, history, max(best_score, row["val_map"]))
+        if row["val_map"] > best_score:
+            best_score = row["val_map"]
+            _save(state, out_dir / BEST)
+        _save(state, last_path)
+        _write_history(history, out_dir / EPOCHS_CSV)
+
+    save_compact_weights(trainer.model, out_dir / WEIGHTS)
+    # Out-of-fold predictions come from the last epoch, not the best one: picking
+    # the epoch by its validation score would tune on the held-out images.
+    trainer.model.eval()
+    for sample in tqdm(val_samples, desc="out-of-fold", unit="image"):
+        probabilities, _ = trainer.predict(sample)
+        labels = instances_from_probabilities(probabilities, config.postprocess)
+        oof.save_prediction(out_dir, sample.image_id, probabilities, labels)
+    return trainer.model
+
+
+def train_folds(
+    config: TrainConfig,
+    data_dir: Path,
+    folds_csv: Path,
+    fold_spec: str,
+    run_dir: Path,
+    device: torch.device,
+    resume: bool = False,
+) -> list[int]:
+    """Train the folds named by ``fold_spec`` on a dataset, one after the other.
+
+    Args:
+        config: The resolved configuration.
+        data_dir: Dataset root holding ``stage1_train/``.
+        folds_csv: Fold assignment covering every training image.
+        fold_spec: A fold number, a comma-separated list, or ``all``.
+        run_dir: Run folder; fold K goes to ``run_dir/fold<K>``.
+        device: Where to train.
+        resume: Continue folds from their last checkpoints.
+
+    Returns:
+        The folds trained.
+    """
+    images = find_images(Path(data_dir) / TRAIN_STAGE)
+    assignment = fold_assignment(folds_csv, images)
+    folds = parse_fold_list(fold_spec, sorted(assignment["fold"].unique()))
+    samples = load_samples(Path(data_dir) / TRAIN_STAGE, list(images))
+    modalities = dict(zip(assignment["image_id"], assignment["modality"], strict=True))
+    fold_of = dict(zip(assignment["image_id"], assignment["fold"], strict=True))
+    for fold in folds:
+        train = [s for s in samples if fold_of[s.image_id] != fold]
+        val = [s for s in samples if fold_of[s.image_id] == fold]
+        out_dir = Path(run_dir) / f"fold{fold}"
+        log.info(
+            "fold %d: %d training, %d validation images -> %s", fold, len(train), len(val), out_dir
+        )
+        write_run_info(out_dir, fold=fold, data_dir=data_dir, device=device)
+        train_fold(config, train, val, modalities, out_dir, device, resume=resume)
+    return folds

@@ -1,0 +1,108 @@
+"""Model builders, looked up by family name so that a typo fails where it is made."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+from nucleiseg.config import TrainConfig
+from nucleiseg.targets import CHANNELS
+
+
+def build_unetpp(config: TrainConfig) -> nn.Module:
+    """U-Net++ with one logit map per target channel (body, border, separation).
+
+    Args:
+        config: ``encoder`` names the smp encoder; ``encoder_weights`` is None
+            (random initialisation), a file holding the encoder's pretrained
+            state dict (works offline), or a name smp knows, e.g. ``imagenet``
+            (fetched from the model hub, or its local cache).
+
+    Returns:
+        The model, producing logits of shape (N, 3, H, W) for inputs whose
+        sides are multiples of 32.
+    """
+    weights = config.encoder_weights
+    local = weights is not None and Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors")
+    try:
+        model = smp.UnetPlusPlus(
+            encoder_name=config.encoder,
+            encoder_weights=None if local else weights,
+            in_channels=3,
+            classes=len(CHANNELS),
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        if weights is None:
+            raise
+        raise RuntimeError(
+            f"could not load encoder weights {weights!r} for {config.encoder}: {error}. "
+            "They come from the model hub: with no network, put them in the local hub cache, "
+            "pass a local file with --encoder-weights PATH, or start from --init-from CKPT."
+        ) from error
+    if local:
+        load_encoder_weights(model, weights)
+    return model
+
+
+def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a pretrained classification network's weights into the model's encoder.
+
+    Layers the encoder does not have (the classifier head) are ignored; every
+    encoder layer must be found in the file.
+
+    Args:
+        model: An smp model.
+        path: State dict of the encoder's backbone (e.g. a timm or torchvision
+            ImageNet checkpoint), possibly wrapped in ``{"state_dict": ...}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such encoder weights file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    # timm-based encoders keep the backbone in .model; smp's own ones are the backbone.
+    encoder = getattr(model.encoder, "model", model.encoder)
+    missing, _ = encoder.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} encoder weights missing, e.g. {missing[0]}")
+
+
+BUILDERS: dict[str, Callable[[TrainConfig], nn.Module]] = {"unetpp": build_unetpp}
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    """Build the model of ``config.model``, then load ``config.init_from`` if given.
+
+    Raises:
+        KeyError: For an unknown family, listing the known ones.
+    """
+    if config.model not in BUILDERS:
+        raise KeyError(f"unknown model {config.model!r}; choose from {', '.join(BUILDERS)}")
+    model = BUILDERS[config.model](config)
+    if config.init_from:
+        load_weights(model, config.init_from)
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load model weights from a training checkpoint or a compact state dict.
+
+    Args:
+        model: Model to load into; every parameter must match.
+        path: A checkpoint written by the engine (its ``model`` entry is used)
+            or a bare state dict (e.g. the fp16 weights of a finished fold).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    reference = model.state_dict()
+    model.load_state_dict(
+        {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
+    )

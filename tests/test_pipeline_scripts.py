@@ -1,0 +1,162 @@
+"""The training, evaluation, tuning and prediction scripts, end to end on a tiny dataset."""
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from skimage.draw import disk
+
+from nucleiseg import data, oof, runs
+from nucleiseg.postprocess import PostprocessParams
+from nucleiseg.targets import make_targets
+from nucleiseg.tuning import coordinate_search, mean_score
+
+N_IMAGES = 6
+
+
+def _write_item(root, image_id, seed, size=64):
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((size, size), np.int32)
+    for label in range(1, 5):
+        labels[disk(tuple(rng.integers(8, size - 8, 2)), 6, shape=labels.shape)] = label
+    image = np.full((size, size, 3), 12, np.uint8)
+    image[labels > 0] = 190
+    (root / image_id / "images").mkdir(parents=True)
+    cv2.imwrite(str(root / image_id / "images" / f"{image_id}.png"), image)
+    (root / image_id / "masks").mkdir()
+    for label in np.unique(labels[labels > 0]):
+        cv2.imwrite(str(root / image_id / "masks" / f"{label}.png"), (labels == label) * 255)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A two-fold run of a tiny U-Net++ on six synthetic images."""
+    from scripts import train
+
+    root = tmp_path_factory.mktemp("pipeline")
+    data_dir = root / "data"
+    ids = [f"img{i}" for i in range(N_IMAGES)]
+    for i, image_id in enumerate(ids):
+        _write_item(data_dir / data.TRAIN_STAGE, image_id, seed=i)
+        _write_item(data_dir / data.TEST_STAGE, f"test{i}", seed=100 + i)
+    folds_csv = root / "folds.csv"
+    pd.DataFrame(
+        {"image_id": ids, "fold": [0, 1] * 3, "modality": "fluorescence", "group": range(6)}
+    ).to_csv(folds_csv, index=False)
+    config = root / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "epochs": 1,
+                "samples_per_epoch": 4,
+                "batch_size": 2,
+                "crop_size": 64,
+                "num_workers": 0,
+                "amp": False,
+                "channels_last": False,
+            }
+        )
+    )
+    run_dir = root / "run"
+    args = train.get_args_parser().parse_args(
+        ["--config", str(config), "--fold", "all", "--data-dir", str(data_dir)]
+        + ["--folds-csv", str(folds_csv), "--out-dir", str(run_dir), "--device", "cpu"]
+    )
+    train.main(args)
+    return run_dir, data_dir, folds_csv
+
+
+@pytest.mark.slow
+def test_train_writes_every_fold_output(trained_run):
+    run_dir, _, _ = trained_run
+    assert sorted(runs.fold_dirs(run_dir)) == [0, 1]
+    for fold, fold_dir in runs.fold_dirs(run_dir).items():
+        for name in (runs.CONFIG, runs.RUN_INFO, runs.EPOCHS_CSV, runs.LAST, runs.WEIGHTS):
+            assert (fold_dir / name).is_file(), name
+        assert runs.read_run_info(fold_dir)["fold"] == fold
+        assert len(list((fold_dir / oof.OOF_DIR / oof.LABELS_DIR).glob("*.png"))) == 3
+
+
+@pytest.mark.slow
+def test_evaluate_oof_matches_per_image_scores(trained_run, capsys, tmp_path):
+    from scripts import evaluate_oof
+
+    run_dir, _, folds_csv = trained_run
+    per_image = tmp_path / "per_image.csv"
+    args = evaluate_oof.get_args_parser().parse_args(
+        [str(run_dir), "--folds-csv", str(folds_csv), "--per-image", str(per_image)]
+    )
+    cv = evaluate_oof.main(args)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"cv: {cv:.4f}"
+    scores = pd.read_csv(per_image)
+    assert len(scores) == N_IMAGES and sorted(scores["fold"].unique()) == [0, 1]
+    assert cv == pytest.approx(scores["score"].mean())
+
+
+@pytest.mark.slow
+def test_predict_writes_a_valid_submission_and_label_pngs(trained_run, tmp_path):
+    from scripts import predict
+
+    run_dir, data_dir, _ = trained_run
+    out = tmp_path / "sub.csv"
+    args = predict.get_args_parser().parse_args(
+        ["--runs", str(run_dir), "--images", str(data_dir / data.TEST_STAGE), "--out", str(out)]
+        + ["--save-labels", str(tmp_path / "labels"), "--device", "cpu"]
+    )
+    labels = predict.main(args)
+    assert set(labels) == {f"test{i}" for i in range(N_IMAGES)}
+    assert set(pd.read_csv(out, keep_default_na=False)["ImageId"]) == set(labels)
+    saved = oof.read_label_png(tmp_path / "labels" / "test0.png")
+    np.testing.assert_array_equal(saved, labels["test0"])
+
+
+@pytest.mark.slow
+def test_tune_postprocess_writes_thresholds_no_worse_than_the_start(trained_run):
+    from scripts import tune_postprocess
+
+    run_dir, _, _ = trained_run
+    tune_postprocess.main(tune_postprocess.get_args_parser().parse_args([str(run_dir), "--apply"]))
+    tuned = runs.load_postprocess(run_dir)
+    search = pd.read_csv(run_dir / "postprocess_search.csv")
+    start = dataclasses.asdict(PostprocessParams())
+    is_start = np.all([search[k] == v for k, v in start.items()], axis=0)
+    assert search["mean_ap"].max() >= search.loc[is_start, "mean_ap"].iloc[0]
+    assert search.loc[search["mean_ap"].idxmax(), "min_size"] == tuned.min_size
+
+
+def test_coordinate_search_recovers_a_good_threshold():
+    labels = np.zeros((48, 48), np.int32)
+    for label, center in enumerate([(12, 12), (12, 34), (34, 22)], start=1):
+        labels[disk(center, 7, shape=labels.shape)] = label
+    # Body probability 0.45 inside the nuclei: the default mask threshold (0.5) sees
+    # nothing, a lower one finds them all.
+    maps = make_targets(labels).astype(np.float32)
+    maps[0] *= 0.45
+    start = PostprocessParams(seed_threshold=0.4)
+    assert mean_score({"a": maps}, {"a": labels}, start) == 0.0
+    best, history = coordinate_search(
+        {"a": maps}, {"a": labels}, start, grid={"mask_threshold": (0.3, 0.5)}
+    )
+    assert best.mask_threshold == 0.3
+    assert history["mean_ap"].max() == 1.0
+    with pytest.raises(ValueError, match="unknown postprocessing setting"):
+        coordinate_search({"a": maps}, {"a": labels}, start, grid={"mask": (0.3,)})
+
+
+def test_oof_probabilities_round_trip_to_within_quantization(tmp_path):
+    rng = np.random.default_rng(0)
+    probabilities = rng.random((3, 20, 30)).astype(np.float32)
+    labels = rng.integers(0, 70000, (20, 30))
+    with pytest.raises(ValueError, match="65535"):
+        oof.save_prediction(tmp_path / "fold0", "x", probabilities, labels)
+    labels = labels % 65536
+    oof.save_prediction(tmp_path / "fold0", "x", probabilities, labels)
+    maps = oof.load_probabilities(tmp_path / "fold0")["x"]
+    assert np.abs(maps - probabilities).max() <= 0.5 / 255 + 1e-7
+    fold, read = oof.load_oof_labels(tmp_path)["x"]
+    assert fold == 0
+    np.testing.assert_array_equal(read, labels)

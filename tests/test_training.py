@@ -1,0 +1,160 @@
+"""Models, loss, configuration and the training engine, on tiny synthetic data."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from skimage.draw import disk
+
+from nucleiseg import engine, oof, runs
+from nucleiseg.config import TrainConfig, load_config
+from nucleiseg.data import Sample
+from nucleiseg.dataset import to_tensor
+from nucleiseg.losses import bce_dice_loss
+from nucleiseg.models import build_model, load_weights
+from nucleiseg.targets import make_targets
+
+
+def _sample(image_id: str, seed: int, size: int = 64) -> Sample:
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((size, size), np.int32)
+    for label in range(1, 5):
+        center = rng.integers(8, size - 8, 2)
+        labels[disk(tuple(center), rng.integers(4, 8), shape=labels.shape)] = label
+    image = np.full((size, size, 3), 10, np.uint8)
+    image[labels > 0] = 200
+    return Sample(image_id, image, labels)
+
+
+def _tiny_config(**overrides) -> TrainConfig:
+    values = dict(
+        experiment="tiny",
+        epochs=2,
+        samples_per_epoch=4,
+        batch_size=2,
+        crop_size=64,
+        val_every=1,
+        num_workers=0,
+        amp=False,
+        channels_last=False,
+    )
+    return load_config(overrides=values | overrides)
+
+
+def test_unetpp_output_shape_and_backward():
+    model = build_model(_tiny_config())
+    logits = model(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 3, 64, 64)
+    bce_dice_loss(logits, torch.zeros_like(logits)).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_bce_dice_is_low_for_right_and_high_for_wrong_logits():
+    targets = torch.zeros(1, 3, 8, 8)
+    targets[:, :, 2:6, 2:6] = 1
+    right = bce_dice_loss(20 * (2 * targets - 1), targets)
+    wrong = bce_dice_loss(-20 * (2 * targets - 1), targets)
+    assert right.item() < 0.01 and wrong.item() > 10
+
+
+def test_config_yaml_then_overrides_and_unknown_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 7\npostprocess:\n  min_size: 3\n")
+    config = load_config(path, {"epochs": 9, "seed": None})
+    assert config.epochs == 9 and config.postprocess.min_size == 3 and config.seed == 0
+    path.write_text("epoch: 7\n")
+    with pytest.raises(ValueError, match="unknown setting.*epoch"):
+        load_config(path)
+
+
+def test_unknown_model_fails_by_name():
+    with pytest.raises(KeyError, match="unknown model 'unet'"):
+        build_model(_tiny_config(model="unet"))
+
+
+def test_training_steps_lower_the_loss():
+    config = _tiny_config(samples_per_epoch=8, lr=3e-3)
+    trainer = engine.Trainer.create(config, torch.device("cpu"))
+    sample = _sample("a", 0)
+    images = torch.stack([to_tensor(sample.image)] * 2)
+    targets = torch.from_numpy(make_targets(sample.labels)).float()[None].repeat(2, 1, 1, 1)
+    losses = []
+    trainer.model.train()
+    for _ in range(12):
+        loss = bce_dice_loss(trainer.model(images), targets)
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    train = [_sample(f"t{i}", i) for i in range(3)]
+    val = [_sample("v0", 10)]
+    modalities = {s.image_id: "fluorescence" for s in train + val}
+    config = _tiny_config()
+    cpu = torch.device("cpu")
+
+    engine.train_fold(config, train, val, modalities, tmp_path / "whole" / "fold0", cpu)
+
+    original = engine.Trainer.train_one_epoch
+
+    def crash_in_second_epoch(self, loader, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("killed mid-run")
+        return original(self, loader, epoch)
+
+    monkeypatch.setattr(engine.Trainer, "train_one_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train_fold(config, train, val, modalities, tmp_path / "split" / "fold0", cpu)
+    assert len(pd.read_csv(tmp_path / "split" / "fold0" / runs.EPOCHS_CSV)) == 1
+    with pytest.raises(FileExistsError, match="--resume"):
+        engine.train_fold(config, train, val, modalities, tmp_path / "split" / "fold0", cpu)
+    monkeypatch.setattr(engine.Trainer, "train_one_epoch", original)
+    engine.train_fold(
+        config, train, val, modalities, tmp_path / "split" / "fold0", cpu, resume=True
+    )
+
+    whole = torch.load(tmp_path / "whole" / "fold0" / runs.LAST, weights_only=False)
+    split = torch.load(tmp_path / "split" / "fold0" / runs.LAST, weights_only=False)
+    assert whole["epoch"] == split["epoch"] == 2
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, split["model"][name]), name
+    columns = ["epoch", "train_loss", "val_loss", "val_map", "lr"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "whole" / "fold0" / runs.EPOCHS_CSV)[columns],
+        pd.read_csv(tmp_path / "split" / "fold0" / runs.EPOCHS_CSV)[columns],
+    )
+    # The finished fold keeps compact weights that load back, and its OOF label images.
+    model = build_model(config)
+    load_weights(model, tmp_path / "split" / "fold0" / runs.WEIGHTS)
+    fold, labels = oof.load_oof_labels(tmp_path / "split")["v0"]
+    assert fold == 0 and labels.shape == (64, 64)
+    probabilities = oof.read_probabilities(
+        tmp_path / "split" / "fold0" / oof.OOF_DIR / oof.PROBABILITIES_DIR / "v0.png"
+    )
+    assert (
+        probabilities.shape == (3, 64, 64) and 0 <= probabilities.min() <= probabilities.max() <= 1
+    )
+
+
+def test_encoder_weights_from_a_local_file_and_init_from_a_checkpoint(tmp_path):
+    import timm
+
+    backbone = timm.create_model("efficientnet_b0", pretrained=False)
+    torch.save({"state_dict": backbone.state_dict()}, tmp_path / "effb0_imagenet.pth")
+    model = build_model(_tiny_config(encoder_weights=str(tmp_path / "effb0_imagenet.pth")))
+    assert torch.equal(model.encoder.model.conv_stem.weight, backbone.conv_stem.weight)
+
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "run.ckpt")
+    started = build_model(_tiny_config(init_from=str(tmp_path / "run.ckpt")))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, started.state_dict()[name]), name
+
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        load_weights(model, tmp_path / "missing.ckpt")
+    torch.save({"conv_stem.weight": backbone.conv_stem.weight}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="encoder weights missing"):
+        build_model(_tiny_config(encoder_weights=str(tmp_path / "partial.pth")))
