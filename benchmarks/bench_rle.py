@@ -23,23 +23,9 @@ import numpy as np  # noqa: E402
 
 # The metric benchmark's cases, so both benchmarks time the same label images.
 from bench_metric import CASES, SEED, make_case  # noqa: E402
+from references import per_object_encode  # noqa: E402
 
 from nucleiseg import rle  # noqa: E402
-
-
-def per_object_encode(labels: np.ndarray) -> list[tuple[int, str]]:
-    """The straightforward encoder: one full-image mask and diff per object."""
-    encoded = []
-    for label in np.unique(labels):
-        if label == 0:
-            continue
-        m = (labels == label).ravel(order="F").astype(np.int8)
-        edges = np.diff(np.concatenate(([0], m, [0])))
-        starts = np.flatnonzero(edges == 1) + 1
-        lengths = np.flatnonzero(edges == -1) + 1 - starts
-        text = " ".join(f"{s} {n}" for s, n in zip(starts, lengths, strict=True))
-        encoded.append((int(label), text))
-    return encoded
 
 
 def best_ms(fn, labels: np.ndarray, budget_s: float = 0.5) -> float:

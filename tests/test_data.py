@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import write_item
 from skimage.draw import disk
 
 from nucleiseg import data, rle
@@ -22,13 +23,6 @@ def _disc_mask(shape, center, radius) -> np.ndarray:
     mask = np.zeros(shape, dtype=np.uint8)
     mask[disk(center, radius, shape=shape)] = 255
     return mask
-
-
-def _make_item(root: Path, image_id: str, image: np.ndarray, masks: list[np.ndarray]) -> Path:
-    image_path = _write(root / image_id / "images" / f"{image_id}.png", image)
-    for i, mask in enumerate(masks):
-        _write(root / image_id / "masks" / f"m{i:02d}.png", mask)
-    return image_path
 
 
 def test_read_image_rgba_drops_alpha_and_returns_rgb(tmp_path):
@@ -101,7 +95,7 @@ def test_read_labels_resolves_overlap_first_mask_wins_and_warns(tmp_path):
     first, second = _disc_mask(shape, (20, 14), 8), _disc_mask(shape, (20, 24), 8)
     overlap = int(((first > 0) & (second > 0)).sum())
     empty = np.zeros(shape, np.uint8)
-    image_path = _make_item(tmp_path, "x", np.zeros((*shape, 3), np.uint8), [first, second, empty])
+    image_path = write_item(tmp_path, "x", np.zeros((*shape, 3), np.uint8), [first, second, empty])
     with pytest.warns(data.OverlapWarning, match=f"{overlap} pixels claimed.*1 empty mask"):
         labels = data.read_labels(data.masks_dir_of(image_path), shape)
     assert labels.dtype == np.int32
@@ -112,7 +106,7 @@ def test_read_labels_resolves_overlap_first_mask_wins_and_warns(tmp_path):
 def test_read_labels_without_overlap_is_silent(tmp_path, recwarn):
     shape = (30, 30)
     masks = [_disc_mask(shape, (8, 8), 4), _disc_mask(shape, (20, 20), 5)]
-    image_path = _make_item(tmp_path, "y", np.zeros((*shape, 3), np.uint8), masks)
+    image_path = write_item(tmp_path, "y", np.zeros((*shape, 3), np.uint8), masks)
     labels = data.read_labels(data.masks_dir_of(image_path), shape)
     assert sorted(np.unique(labels).tolist()) == [0, 1, 2]
     assert not [w for w in recwarn if issubclass(w.category, data.OverlapWarning)]
@@ -120,8 +114,8 @@ def test_read_labels_without_overlap_is_silent(tmp_path, recwarn):
 
 def test_find_images_competition_layout_plain_folder_and_errors(tmp_path):
     comp = tmp_path / "comp"
-    _make_item(comp, "b", np.zeros((4, 4, 3), np.uint8), [])
-    _make_item(comp, "a", np.zeros((4, 4, 3), np.uint8), [])
+    write_item(comp, "b", np.zeros((4, 4, 3), np.uint8), [])
+    write_item(comp, "a", np.zeros((4, 4, 3), np.uint8), [])
     assert list(data.find_images(comp)) == ["a", "b"]
     assert data.find_images(comp)["a"] == comp / "a" / "images" / "a.png"
 
@@ -142,7 +136,7 @@ def test_find_images_competition_layout_plain_folder_and_errors(tmp_path):
 def test_load_sample_and_truth_from_folder(tmp_path):
     shape = (24, 32)
     masks = [_disc_mask(shape, (6, 6), 4), _disc_mask(shape, (16, 22), 5)]
-    image_path = _make_item(tmp_path, "img", np.full((*shape, 3), 7, np.uint8), masks)
+    image_path = write_item(tmp_path, "img", np.full((*shape, 3), 7, np.uint8), masks)
     sample = data.load_sample("img", image_path)
     assert sample.image.shape == (*shape, 3)
     assert sample.labels.max() == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import run_script, write_item
 from skimage.draw import disk
 
 from nucleiseg.data import DataError
@@ -28,8 +28,6 @@ from nucleiseg.folds import (
     write_folds,
 )
 from nucleiseg.modality import MODALITIES
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_folds.py"
 
 
 def _scene(shape: tuple[int, int], n_discs: int, seed: int) -> np.ndarray:
@@ -197,28 +195,17 @@ def test_parse_fold_list():
         parse_fold_list("0-2", range(5))
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("make_folds", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_writes_folds_and_refuses_to_overwrite(tmp_path):
     for seed in range(6):
-        image_id = f"image{seed}"
-        folder = tmp_path / "data" / "stage1_train" / image_id / "images"
-        folder.mkdir(parents=True)
-        cv2.imwrite(str(folder / f"{image_id}.png"), _scene((64, 64), 8, seed=seed))
-    script = _load_script()
+        write_item(tmp_path / "data" / "stage1_train", f"image{seed}", _scene((64, 64), 8, seed))
     out = tmp_path / "folds" / "folds.csv"
-    argv = ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--folds", "3"]
-    script.main(script.get_args_parser().parse_args(argv))
+    argv = ["--data-dir", tmp_path / "data", "--out", out, "--folds", "3"]
+    run_script("make_folds", argv)
     written = out.read_bytes()
     assert len(read_folds(out)) == 6
     with pytest.raises(SystemExit, match="--force"):
-        script.main(script.get_args_parser().parse_args(argv))
-    script.main(script.get_args_parser().parse_args([*argv, "--force"]))
+        run_script("make_folds", argv)
+    run_script("make_folds", [*argv, "--force"])
     assert out.read_bytes() == written
 
 

@@ -2,11 +2,11 @@
 
 import dataclasses
 
-import cv2
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import run_script, write_labelled
 from skimage.draw import disk
 
 from nucleiseg import data, oof, runs
@@ -17,31 +17,26 @@ from nucleiseg.tuning import coordinate_search, mean_score
 N_IMAGES = 6
 
 
-def _write_item(root, image_id, seed, size=64):
+def _discs(seed, size=64):
     rng = np.random.default_rng(seed)
     labels = np.zeros((size, size), np.int32)
     for label in range(1, 5):
         labels[disk(tuple(rng.integers(8, size - 8, 2)), 6, shape=labels.shape)] = label
-    image = np.full((size, size, 3), 12, np.uint8)
-    image[labels > 0] = 190
-    (root / image_id / "images").mkdir(parents=True)
-    cv2.imwrite(str(root / image_id / "images" / f"{image_id}.png"), image)
-    (root / image_id / "masks").mkdir()
-    for label in np.unique(labels[labels > 0]):
-        cv2.imwrite(str(root / image_id / "masks" / f"{label}.png"), (labels == label) * 255)
+    return labels
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A two-fold run of a tiny U-Net++ on six synthetic images."""
-    from scripts import train
-
     root = tmp_path_factory.mktemp("pipeline")
     data_dir = root / "data"
     ids = [f"img{i}" for i in range(N_IMAGES)]
-    for i, image_id in enumerate(ids):
-        _write_item(data_dir / data.TRAIN_STAGE, image_id, seed=i)
-        _write_item(data_dir / data.TEST_STAGE, f"test{i}", seed=100 + i)
+    write_labelled(
+        data_dir / data.TRAIN_STAGE, {image_id: _discs(i) for i, image_id in enumerate(ids)}
+    )
+    write_labelled(
+        data_dir / data.TEST_STAGE, {f"test{i}": _discs(100 + i) for i in range(N_IMAGES)}
+    )
     folds_csv = root / "folds.csv"
     pd.DataFrame(
         {"image_id": ids, "fold": [0, 1] * 3, "modality": "fluorescence", "group": range(6)}
@@ -61,11 +56,11 @@ def trained_run(tmp_path_factory):
         )
     )
     run_dir = root / "run"
-    args = train.get_args_parser().parse_args(
-        ["--config", str(config), "--fold", "all", "--data-dir", str(data_dir)]
-        + ["--folds-csv", str(folds_csv), "--out-dir", str(run_dir), "--device", "cpu"]
+    run_script(
+        "train",
+        ["--config", config, "--fold", "all", "--data-dir", data_dir]
+        + ["--folds-csv", folds_csv, "--out-dir", run_dir, "--device", "cpu"],
     )
-    train.main(args)
     return run_dir, data_dir, folds_csv
 
 
@@ -82,14 +77,9 @@ def test_train_writes_every_fold_output(trained_run):
 
 @pytest.mark.slow
 def test_evaluate_oof_matches_per_image_scores(trained_run, capsys, tmp_path):
-    from scripts import evaluate_oof
-
     run_dir, _, folds_csv = trained_run
     per_image = tmp_path / "per_image.csv"
-    args = evaluate_oof.get_args_parser().parse_args(
-        [str(run_dir), "--folds-csv", str(folds_csv), "--per-image", str(per_image)]
-    )
-    cv = evaluate_oof.main(args)
+    cv = run_script("evaluate_oof", [run_dir, "--folds-csv", folds_csv, "--per-image", per_image])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"cv: {cv:.4f}"
     scores = pd.read_csv(per_image)
@@ -99,15 +89,13 @@ def test_evaluate_oof_matches_per_image_scores(trained_run, capsys, tmp_path):
 
 @pytest.mark.slow
 def test_predict_writes_a_valid_submission_and_label_pngs(trained_run, tmp_path):
-    from scripts import predict
-
     run_dir, data_dir, _ = trained_run
     out = tmp_path / "sub.csv"
-    args = predict.get_args_parser().parse_args(
-        ["--runs", str(run_dir), "--images", str(data_dir / data.TEST_STAGE), "--out", str(out)]
-        + ["--save-labels", str(tmp_path / "labels"), "--device", "cpu"]
+    labels = run_script(
+        "predict",
+        ["--runs", run_dir, "--images", data_dir / data.TEST_STAGE, "--out", out]
+        + ["--save-labels", tmp_path / "labels", "--device", "cpu"],
     )
-    labels = predict.main(args)
     assert set(labels) == {f"test{i}" for i in range(N_IMAGES)}
     assert set(pd.read_csv(out, keep_default_na=False)["ImageId"]) == set(labels)
     saved = oof.read_label_png(tmp_path / "labels" / "test0.png")
@@ -116,10 +104,8 @@ def test_predict_writes_a_valid_submission_and_label_pngs(trained_run, tmp_path)
 
 @pytest.mark.slow
 def test_tune_postprocess_writes_thresholds_no_worse_than_the_start(trained_run):
-    from scripts import tune_postprocess
-
     run_dir, _, _ = trained_run
-    tune_postprocess.main(tune_postprocess.get_args_parser().parse_args([str(run_dir), "--apply"]))
+    run_script("tune_postprocess", [run_dir, "--apply"])
     tuned = runs.load_postprocess(run_dir)
     search = pd.read_csv(run_dir / "postprocess_search.csv")
     start = dataclasses.asdict(PostprocessParams())

@@ -1,0 +1,46 @@
+"""Helpers shared by the tests: competition-layout folders and calling scripts."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+def write_item(root: Path, image_id: str, image: np.ndarray, masks=()) -> Path:
+    """Write ``<root>/<id>/images/<id>.png`` and one PNG per mask in ``<id>/masks``.
+
+    Args:
+        root: Stage folder.
+        image_id: Item id.
+        image: RGB (or grey) image.
+        masks: Mask arrays written as they are (``m00.png``, ``m01.png``, ...).
+
+    Returns:
+        The image file.
+    """
+    images = root / image_id / "images"
+    images.mkdir(parents=True)
+    image_path = images / f"{image_id}.png"
+    bgr = image[..., ::-1] if image.ndim == 3 else image
+    assert cv2.imwrite(str(image_path), np.ascontiguousarray(bgr))
+    (root / image_id / "masks").mkdir()
+    for i, mask in enumerate(masks):
+        assert cv2.imwrite(str(root / image_id / "masks" / f"m{i:02d}.png"), mask)
+    return image_path
+
+
+def write_labelled(root: Path, labels_by_image: dict[str, np.ndarray]) -> None:
+    """Competition-layout items drawn from label images: bright nuclei, one 0/255 mask each."""
+    for image_id, labels in labels_by_image.items():
+        grey = np.where(labels > 0, 200, 20).astype(np.uint8)
+        masks = [((labels == v) * 255).astype(np.uint8) for v in np.unique(labels[labels > 0])]
+        write_item(root, image_id, np.dstack([grey] * 3), masks)
+
+
+def run_script(name: str, argv) -> object:
+    """Call ``scripts/<name>.py``'s ``main`` on command-line arguments; return what it returns."""
+    script = importlib.import_module(f"scripts.{name}")
+    return script.main(script.get_args_parser().parse_args([str(a) for a in argv]))
