@@ -10,6 +10,7 @@ from nucleiseg import engine, oof, runs
 from nucleiseg.config import TrainConfig, load_config
 from nucleiseg.data import Sample
 from nucleiseg.dataset import to_tensor
+from nucleiseg.inference import pad_to_stride, predict_probabilities
 from nucleiseg.losses import bce_dice_loss
 from nucleiseg.models import build_model, load_weights
 from nucleiseg.targets import make_targets
@@ -158,3 +159,16 @@ def test_encoder_weights_from_a_local_file_and_init_from_a_checkpoint(tmp_path):
     torch.save({"conv_stem.weight": backbone.conv_stem.weight}, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match="encoder weights missing"):
         build_model(_tiny_config(encoder_weights=str(tmp_path / "partial.pth")))
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (33, 64), (70, 41)])
+def test_whole_image_prediction_pads_to_the_stride_and_crops_back(shape):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
+    padded = pad_to_stride(image)
+    assert padded.shape[0] % 32 == 0 and padded.shape[1] % 32 == 0
+    np.testing.assert_array_equal(padded[: shape[0], : shape[1]], image)
+    model = build_model(_tiny_config()).eval()
+    probabilities = predict_probabilities(model, image, torch.device("cpu"))
+    assert probabilities.shape == (3, *shape)
+    assert probabilities.min() >= 0 and probabilities.max() <= 1

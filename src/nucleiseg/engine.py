@@ -116,6 +116,7 @@ class Trainer:
             "history": history,
             "best_score": best_score,
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }
 
     def restore(self, state: dict) -> tuple[int, list[dict], float]:
@@ -124,6 +125,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         return state["epoch"], state["history"], state["best_score"]
 
     def train_one_epoch(self, loader: DataLoader, epoch: int) -> float:

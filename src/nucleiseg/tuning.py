@@ -24,8 +24,8 @@ DEFAULT_GRID: dict[str, tuple[float, ...]] = {
     "seed_threshold": (0.5, 0.6, 0.7, 0.8, 0.9),
     "border_threshold": (0.2, 0.3, 0.4, 0.5, 0.6),
     "separation_threshold": (0.2, 0.3, 0.5, 0.7),
-    "min_seed_size": (2, 4, 8, 16),
-    "min_size": (4, 8, 12, 20, 30),
+    "min_seed_size": (2, 4, 8, 16, 24, 32),
+    "min_size": (4, 8, 12, 20, 30, 45, 60),
 }
 
 

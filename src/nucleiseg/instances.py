@@ -1,0 +1,219 @@
+"""Scored instance masks: suppression of duplicates and resolution into one label image.
+
+Detection models (Mask R-CNN), test-time views and ensembles of families all
+produce *scored instances*, masks that may overlap and repeat one another. This
+module turns them into a label image where every pixel belongs to at most one
+nucleus:
+
+1. drop instances below a score threshold;
+2. suppress duplicates: boxes first (cheap, ``torchvision.ops.batched_nms``),
+   then masks, an instance being dropped when its mask overlaps a
+   higher-scored kept one by more than an IoU threshold;
+3. paint the survivors from the highest score down, each taking only the pixels
+   still free, and drop what is left of an instance below a minimum size.
+
+Masks are stored cropped to their boxes, so memory follows the nuclei, not
+(instances x image size). Ties in score are broken by box and area, so the
+result does not depend on the order the instances come in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.ops import batched_nms
+
+
+@dataclass(frozen=True, eq=False)
+class Instances:
+    """Instances of one image: a score, a box and a box-cropped mask each.
+
+    Attributes:
+        shape: (H, W) of the image.
+        scores: float (N,) confidence of each instance.
+        boxes: int64 (N, 4) as (y0, x0, y1, x1), end-exclusive, inside the image.
+        masks: N boolean arrays, mask ``i`` of shape (y1 - y0, x1 - x0) of box ``i``.
+    """
+
+    shape: tuple[int, int]
+    scores: np.ndarray
+    boxes: np.ndarray
+    masks: tuple[np.ndarray, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.masks)
+        if self.scores.shape != (n,) or self.boxes.shape != (n, 4):
+            raise ValueError(
+                f"{n} masks but scores {self.scores.shape} and boxes {self.boxes.shape}"
+            )
+        for box, mask in zip(self.boxes, self.masks, strict=True):
+            y0, x0, y1, x1 = box
+            if not (0 <= y0 < y1 <= self.shape[0] and 0 <= x0 < x1 <= self.shape[1]):
+                raise ValueError(f"box {box.tolist()} is empty or outside the image {self.shape}")
+            if mask.shape != (y1 - y0, x1 - x0):
+                raise ValueError(f"mask of shape {mask.shape} does not fit box {box.tolist()}")
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int]) -> Instances:
+        """No instance."""
+        return cls(tuple(shape), np.zeros(0), np.zeros((0, 4), np.int64), ())
+
+    @classmethod
+    def from_full_masks(cls, masks: np.ndarray, scores: np.ndarray) -> Instances:
+        """Instances from full-image boolean masks (N, H, W); empty masks are dropped."""
+        shape = tuple(masks.shape[1:])
+        kept_scores, boxes, crops = [], [], []
+        for mask, score in zip(masks, scores, strict=True):
+            rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+            if rows.size == 0:
+                continue
+            box = (rows[0], cols[0], rows[-1] + 1, cols[-1] + 1)
+            boxes.append(box)
+            crops.append(mask[box[0] : box[2], box[1] : box[3]].astype(bool))
+            kept_scores.append(score)
+        if not crops:
+            return cls.empty(shape)
+        return cls(shape, np.asarray(kept_scores, float), np.asarray(boxes, np.int64), tuple(crops))
+
+    @classmethod
+    def from_labels(cls, labels: np.ndarray, scores: np.ndarray | None = None) -> Instances:
+        """Instances from a label image, one per label; score 1 unless given (by label order)."""
+        ids = np.unique(labels[labels > 0])
+        if scores is None:
+            scores = np.ones(len(ids))
+        boxes, crops = [], []
+        for label in ids:
+            rows = np.flatnonzero((labels == label).any(axis=1))
+            cols = np.flatnonzero((labels == label).any(axis=0))
+            box = (rows[0], cols[0], rows[-1] + 1, cols[-1] + 1)
+            boxes.append(box)
+            crops.append(labels[box[0] : box[2], box[1] : box[3]] == label)
+        if not crops:
+            return cls.empty(labels.shape)
+        return cls(
+            labels.shape, np.asarray(scores, float), np.asarray(boxes, np.int64), tuple(crops)
+        )
+
+    def subset(self, keep: np.ndarray) -> Instances:
+        """The instances at the indices (or boolean mask) ``keep``, in that order."""
+        index = np.flatnonzero(keep) if keep.dtype == bool else np.asarray(keep, np.int64)
+        return Instances(
+            self.shape, self.scores[index], self.boxes[index], tuple(self.masks[i] for i in index)
+        )
+
+    def canonical_order(self) -> np.ndarray:
+        """Indices from the highest score down; ties broken by box, then mask area."""
+        areas = np.array([m.sum() for m in self.masks], np.int64)
+        keys = (-areas, self.boxes[:, 3], self.boxes[:, 2], self.boxes[:, 1], self.boxes[:, 0])
+        return np.lexsort((*keys, -self.scores))
+
+
+def mask_iou(a: Instances, i: int, b: Instances, j: int) -> float:
+    """IoU of mask ``i`` of ``a`` and mask ``j`` of ``b`` (same image), from their crops."""
+    ay0, ax0, ay1, ax1 = a.boxes[i]
+    by0, bx0, by1, bx1 = b.boxes[j]
+    y0, x0, y1, x1 = max(ay0, by0), max(ax0, bx0), min(ay1, by1), min(ax1, bx1)
+    area_a, area_b = int(a.masks[i].sum()), int(b.masks[j].sum())
+    if y0 >= y1 or x0 >= x1:
+        return 0.0
+    inter = int(
+        np.count_nonzero(
+            a.masks[i][y0 - ay0 : y1 - ay0, x0 - ax0 : x1 - ax0]
+            & b.masks[j][y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+        )
+    )
+    union = area_a + area_b - inter
+    return inter / union if union else 0.0
+
+
+def suppress_duplicates(
+    instances: Instances, box_iou_threshold: float = 0.7, mask_iou_threshold: float = 0.5
+) -> Instances:
+    """Non-maximum suppression by boxes, then by masks.
+
+    Args:
+        instances: Scored instances of one image.
+        box_iou_threshold: Box IoU above which the lower-scored box is dropped.
+        mask_iou_threshold: Mask IoU above which the lower-scored instance is
+            dropped (checked only between boxes that touch).
+
+    Returns:
+        The kept instances, from the highest score down.
+    """
+    if len(instances) == 0:
+        return instances
+    order = instances.canonical_order()
+    ranked = instances.subset(order)
+    # batched_nms breaks score ties by position; giving it ranks as scores keeps
+    # the canonical order.
+    rank_scores = torch.arange(len(ranked), 0, -1, dtype=torch.float64)
+    boxes_xyxy = torch.from_numpy(ranked.boxes[:, [1, 0, 3, 2]].astype(np.float64))
+    one_class = torch.zeros(len(ranked), dtype=torch.int64)
+    keep = batched_nms(boxes_xyxy, rank_scores, one_class, box_iou_threshold).numpy()
+    ranked = ranked.subset(np.sort(keep))
+    touching = _boxes_touch(ranked.boxes)
+    kept = np.zeros(len(ranked), bool)
+    for i in range(len(ranked)):
+        rivals = np.flatnonzero(kept & touching[i])
+        kept[i] = all(mask_iou(ranked, i, ranked, k) <= mask_iou_threshold for k in rivals)
+    return ranked.subset(kept)
+
+
+def _boxes_touch(boxes: np.ndarray) -> np.ndarray:
+    """(N, N) boolean: do boxes i and j share any pixel."""
+    y0, x0, y1, x1 = (boxes[:, k] for k in range(4))
+    return (np.maximum(y0[:, None], y0[None]) < np.minimum(y1[:, None], y1[None])) & (
+        np.maximum(x0[:, None], x0[None]) < np.minimum(x1[:, None], x1[None])
+    )
+
+
+def resolve_overlaps(instances: Instances, min_size: int = 8) -> np.ndarray:
+    """Paint instances into a label image, the higher score winning contested pixels.
+
+    Args:
+        instances: Scored instances of one image.
+        min_size: An instance left with fewer pixels than this is dropped.
+
+    Returns:
+        int32 label image, labels 1..n from the highest score down.
+    """
+    labels = np.zeros(instances.shape, np.int32)
+    label = 0
+    for i in instances.canonical_order():
+        y0, x0, y1, x1 = instances.boxes[i]
+        window = labels[y0:y1, x0:x1]
+        free = instances.masks[i] & (window == 0)
+        if np.count_nonzero(free) < min_size:
+            continue
+        label += 1
+        window[free] = label
+    return labels
+
+
+def instances_to_labels(
+    instances: Instances,
+    score_threshold: float = 0.5,
+    box_iou_threshold: float = 0.7,
+    mask_iou_threshold: float = 0.5,
+    min_size: int = 8,
+) -> np.ndarray:
+    """Scored instances -> label image: threshold, suppress duplicates, resolve overlaps.
+
+    Args:
+        instances: Scored instances of one image.
+        score_threshold: Instances scoring at or below this are dropped.
+        box_iou_threshold: See :func:`suppress_duplicates`.
+        mask_iou_threshold: See :func:`suppress_duplicates`.
+        min_size: See :func:`resolve_overlaps`.
+
+    Returns:
+        int32 label image, 0 = background.
+    """
+    confident = instances.subset(instances.scores > score_threshold)
+    kept = suppress_duplicates(confident, box_iou_threshold, mask_iou_threshold)
+    return resolve_overlaps(kept, min_size)
