@@ -14,6 +14,7 @@ from skimage.morphology import h_maxima, remove_small_objects
 from skimage.segmentation import watershed
 
 from nucleiseg.modality import FLUORESCENCE, classify_modality
+from nucleiseg.postprocess import remove_small_labels
 
 
 def classical_instances(
@@ -48,7 +49,4 @@ def classical_instances(
     markers, _ = ndi.label(h_maxima(distance, seed_height))
     labels = watershed(-distance, markers, mask=foreground).astype(np.int32)
     # Watershed can cut slivers off the edges of a region; drop them as well.
-    small = np.bincount(labels.ravel()) < min_size
-    small[0] = False
-    labels[small[labels]] = 0
-    return labels
+    return remove_small_labels(labels, min_size)

@@ -153,21 +153,21 @@ class Trainer:
             progress.set_postfix(loss=f"{total / count:.4f}")
         return total / max(count, 1)
 
-    def predict(self, sample: Sample) -> tuple[np.ndarray, float]:
-        """Probabilities of a whole image and the loss against its targets."""
+    def logits(self, sample: Sample) -> torch.Tensor:
+        """The model's logits for a whole image, float32 (C, H, W) on the CPU."""
         self.model.eval()
-        logits = predict_logits(self.model, sample.image, self.device, self.config.amp)
-        targets = torch.from_numpy(make_targets(sample.labels, self.config.targets))
-        loss = get_loss(self.config.loss)(logits[None], targets[None]).item()
-        return torch.sigmoid(logits).numpy(), loss
+        return predict_logits(self.model, sample.image, self.device, self.config.amp)
 
     def validate(self, samples: Sequence[Sample]) -> tuple[float, float]:
         """Mean loss and mean AP (competition metric, after postprocessing) on whole images."""
+        loss_fn = get_loss(self.config.loss)
         losses, scores = [], []
         for sample in tqdm(samples, desc="validate", unit="image", leave=False):
-            probabilities, loss = self.predict(sample)
+            logits = self.logits(sample)
+            targets = torch.from_numpy(make_targets(sample.labels, self.config.targets))
+            losses.append(loss_fn(logits[None], targets[None]).item())
+            probabilities = torch.sigmoid(logits).numpy()
             labels = instances_from_probabilities(probabilities, self.config.postprocess)
-            losses.append(loss)
             scores.append(average_precision(sample.labels, labels).score)
         return float(np.mean(losses)), float(np.mean(scores))
 
@@ -280,9 +280,8 @@ def train_fold(
     save_compact_weights(trainer.model, out_dir / WEIGHTS)
     # Out-of-fold predictions come from the last epoch, not the best one: picking
     # the epoch by its validation score would tune on the held-out images.
-    trainer.model.eval()
     for sample in tqdm(val_samples, desc="out-of-fold", unit="image"):
-        probabilities, _ = trainer.predict(sample)
+        probabilities = torch.sigmoid(trainer.logits(sample)).numpy()
         labels = instances_from_probabilities(probabilities, config.postprocess)
         oof.save_prediction(out_dir, sample.image_id, probabilities, labels)
     return trainer.model

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from nucleiseg import data, oof
 from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
-from nucleiseg.metric import average_precision
 from nucleiseg.runs import read_run_info
+from nucleiseg.submission import score_submission
 
 OVERALL = "all"
 
@@ -70,18 +69,20 @@ def score_oof(
         modalities: Image id -> modality, for every predicted image.
 
     Returns:
-        One row per image: image_id, fold, modality, score, n_true, n_pred.
+        One row per image: image_id, fold, modality, then the columns of
+        :func:`nucleiseg.submission.score_submission` (score, n_true, n_pred,
+        tp/fp/fn at IoU 0.5).
     """
     missing = sorted(set(predictions) - set(truth))
     if missing:
         raise KeyError(f"no truth for {len(missing)} predicted image(s), e.g. {missing[0]}")
-    rows = []
-    for image_id, (fold, labels) in tqdm(predictions.items(), desc="score", unit="image"):
-        result = average_precision(truth[image_id], labels)
-        rows.append(
-            (image_id, fold, modalities[image_id], result.score, result.n_true, result.n_pred)
-        )
-    return pd.DataFrame(rows, columns=["image_id", "fold", "modality", "score", "n_true", "n_pred"])
+    labels = {image_id: predicted for image_id, (_, predicted) in predictions.items()}
+    per_image = score_submission(
+        labels, {image_id: truth[image_id] for image_id in labels}
+    ).per_image
+    per_image.insert(1, "fold", [predictions[i][0] for i in per_image["image_id"]])
+    per_image.insert(2, "modality", [modalities[i] for i in per_image["image_id"]])
+    return per_image
 
 
 def evaluate_run(

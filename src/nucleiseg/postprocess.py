@@ -42,7 +42,16 @@ class PostprocessParams:
     min_size: int = 12
 
 
-def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+def remove_small_labels(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Set to background, in place, every label with fewer than ``min_size`` pixels.
+
+    Args:
+        labels: Non-negative int label image.
+        min_size: Smallest number of pixels a label keeps.
+
+    Returns:
+        ``labels``, modified.
+    """
     small = np.bincount(labels.ravel()) < min_size
     small[0] = False
     labels[small[labels]] = 0
@@ -93,7 +102,7 @@ def instances_from_probabilities(
         & (probabilities[SEPARATION] < params.separation_threshold)
     )
     seeds, _ = ndi.label(seed_pixels)
-    seeds = _drop_small(seeds, params.min_seed_size)
+    seeds = remove_small_labels(seeds, params.min_seed_size)
     # A part of the mask that got no seed (a nucleus seen only as border, say)
     # becomes a nucleus of its own rather than being lost.
     unseeded, _ = ndi.label(mask & ~_has_seed(mask, seeds))
@@ -101,7 +110,7 @@ def instances_from_probabilities(
     markers[unseeded > 0] = unseeded[unseeded > 0] + seeds.max()
     labels = watershed(-body, markers, mask=mask).astype(np.int32)
     labels = _fill_holes(labels)
-    labels = _drop_small(labels, params.min_size)
+    labels = remove_small_labels(labels, params.min_size)
     return _relabel(labels)
 
 
