@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from nucleiseg import data, oof
+from nucleiseg.family import load_params
 from nucleiseg.inference import load_fold_models, predict_probabilities
 from nucleiseg.metric import average_precision
 from nucleiseg.postprocess import instances_from_probabilities
-from nucleiseg.runs import load_postprocess
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     (member,) = load_fold_models(args.fold_dir, device)
-    params = load_postprocess(args.fold_dir.parent)
+    params = load_params(args.fold_dir.parent)
     images = data.find_images(args.data_dir / data.TRAIN_STAGE)
     ids = sorted(p.stem for p in (args.fold_dir / oof.OOF_DIR / oof.LABELS_DIR).glob("*.png"))
     ids = ids[: args.limit] if args.limit else ids

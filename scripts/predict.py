@@ -1,14 +1,24 @@
-"""Segment a folder of images with the fold models of one or more runs; write a submission.
+"""Segment images with the fold models of one or more runs; write a submission or OOF labels.
 
     python scripts/predict.py --runs runs/unetpp_sample --images data/sample/stage1_test \
         --out submissions/sample_unetpp.csv
-    python scripts/predict.py --runs runs/unetpp_effb0 --images ../shared/data/dsb2018/stage1_test \
-        --out submissions/stage1_test_unetpp.csv --save-labels predictions/labels
+    python scripts/predict.py --runs runs/unetpp_effb0 runs/maskrcnn_r18 \
+        --images ../shared/data/dsb2018/stage1_test --out submissions/stage1_test_ens.csv \
+        --tta d4 --scales 1.0,1.25 --save-labels predictions/labels \
+        --save-overlays predictions/overlays
+    python scripts/predict.py --oof --runs runs/unetpp_effb0 --tta flip --out-dir runs/oof_flip
 
-Every finished fold of every run predicts each image; their probability maps
-are averaged, then the watershed postprocessing (the first run's tuned
-thresholds if it has them) gives the nuclei. ``--images`` is a folder in the
+Every finished fold of every run predicts each image, over the test-time views
+(``--tta``, ``--scales``), whole or in overlapping tiles (``--tile``,
+``--overlap``). U-Net++ folds are averaged as probabilities, Mask R-CNN folds
+merged by vote, and the two families merged by ``--merge``; each run's tuned
+thresholds are used (its ``postprocess.yaml``). ``--images`` is a folder in the
 competition layout or a plain folder of PNG/TIFF files.
+
+With ``--oof``, each training image of the runs' data is predicted by the
+models of its own fold only, and the label images are written as a run
+folder (``<out-dir>/fold<K>/oof/labels/``) that ``scripts/evaluate_oof.py``
+scores; the script prints the same tables and ends with ``cv: <value>``.
 """
 
 from __future__ import annotations
@@ -19,12 +29,25 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
-from nucleiseg import data
-from nucleiseg.inference import load_fold_models, resolve_device, segment_images
-from nucleiseg.oof import write_label_png
-from nucleiseg.runs import load_postprocess
+from nucleiseg import data, oof
+from nucleiseg.ensemble import segment_image
+from nucleiseg.evaluation import evaluate_run, fold_table, modality_table
+from nucleiseg.family import load_params, run_config
+from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
+from nucleiseg.inference import (
+    FAMILY_MERGES,
+    FoldModel,
+    InferenceOptions,
+    load_fold_models,
+    resolve_device,
+)
+from nucleiseg.overlays import write_overlay
+from nucleiseg.runs import read_run_info, write_run_info
 from nucleiseg.submission import write_submission
+from nucleiseg.tta import TTA_SETS, parse_scales
 
 log = logging.getLogger("predict")
 
@@ -35,30 +58,134 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--images", type=Path, default=data.SAMPLE_DIR / data.TEST_STAGE, help="images to segment"
     )
-    parser.add_argument("--out", type=Path, required=True, help="submission CSV to write")
+    parser.add_argument("--out", type=Path, help="submission CSV to write")
     parser.add_argument("--save-labels", type=Path, help="also write uint16 label PNGs here")
+    parser.add_argument("--save-overlays", type=Path, help="also write outline overlays here")
+    parser.add_argument("--tta", default="none", choices=list(TTA_SETS))
+    parser.add_argument("--scales", default="1.0", help="comma-separated, e.g. 1.0,1.25")
+    parser.add_argument("--tile", type=int, help="tile side in pixels (multiple of 32)")
+    parser.add_argument("--overlap", type=int, default=128, help="pixels shared by tiles")
+    parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    parser.add_argument(
+        "--vote-fraction", type=float, default=0.5, help="Mask R-CNN views/folds that must agree"
+    )
+    parser.add_argument("--merge", default="nms", choices=FAMILY_MERGES, help="family merge")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--oof", action="store_true", help="predict the runs' OOF images")
+    parser.add_argument("--out-dir", type=Path, help="with --oof: run folder to write")
+    parser.add_argument("--data-dir", type=Path, help="with --oof: dataset (default: the runs')")
+    parser.add_argument("--folds-csv", type=Path, default=DEFAULT_FOLDS_PATH)
     return parser
 
 
-def main(args: argparse.Namespace) -> dict[str, np.ndarray]:
-    device = resolve_device(args.device)
-    models = [member for run in args.runs for member in load_fold_models(run, device)]
-    params = load_postprocess(args.runs[0])
-    images = data.find_images(args.images)
-    log.info("%d models, %d images, %s", len(models), len(images), params)
-    started = time.perf_counter()
-    labels = segment_images(models, images, params, device)
-    seconds = time.perf_counter() - started
-    write_submission(labels, args.out)
-    if args.save_labels:
-        for image_id, image_labels in labels.items():
-            write_label_png(args.save_labels / f"{image_id}.png", image_labels)
-    nuclei = sum(int(np.count_nonzero(np.unique(v))) for v in labels.values())
-    print(
-        f"{len(labels)} images, {nuclei} nuclei, {seconds / len(labels):.2f} s per image "
-        f"-> {args.out}"
+def _options(args: argparse.Namespace) -> InferenceOptions:
+    return InferenceOptions(
+        tta=args.tta,
+        scales=parse_scales(args.scales),
+        tile=args.tile,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        vote_fraction=args.vote_fraction,
+        family_merge=args.merge,
     )
+
+
+def _params(runs: list[Path]) -> dict:
+    """Thresholds per family: those of the first run of each family."""
+    params = {}
+    for run in runs:
+        params.setdefault(run_config(run).model, load_params(run))
+    return params
+
+
+def _segment_all(
+    models: list[FoldModel],
+    images: dict[str, Path],
+    params: dict,
+    device: torch.device,
+    options: InferenceOptions,
+    args: argparse.Namespace,
+    on_labels=None,
+) -> tuple[dict[str, np.ndarray], float]:
+    """Label images of files, written as they come; returns them and the seconds taken."""
+    labels = {}
+    started = time.perf_counter()
+    for image_id, path in tqdm(images.items(), desc="predict", unit="image"):
+        image = data.read_image(path)
+        labels[image_id] = segment_image(models, image, params, device, options)
+        if on_labels is not None:
+            on_labels(image_id, labels[image_id])
+        if args.save_labels:
+            oof.write_label_png(args.save_labels / f"{image_id}.png", labels[image_id])
+        if args.save_overlays:
+            write_overlay(args.save_overlays / f"{image_id}.png", image, labels[image_id])
+    return labels, time.perf_counter() - started
+
+
+def _summary(labels: dict[str, np.ndarray], seconds: float, shapes: set) -> str:
+    nuclei = sum(int(np.count_nonzero(np.unique(v))) for v in labels.values())
+    sizes = ", ".join(f"{h}x{w}" for h, w in sorted(shapes)[:3]) + (
+        ", ..." if len(shapes) > 3 else ""
+    )
+    return (
+        f"{len(labels)} images ({sizes}), {nuclei} nuclei, "
+        f"{seconds / max(len(labels), 1):.2f} s per image"
+    )
+
+
+def predict_oof(args: argparse.Namespace, device: torch.device, options: InferenceOptions) -> float:
+    """Each training image predicted by its own fold's models; returns the CV score."""
+    if args.out_dir is None:
+        raise SystemExit("--oof needs --out-dir")
+    first_fold = next(iter(oof.oof_fold_dirs(args.runs[0]).values()))
+    data_dir = args.data_dir or Path(read_run_info(first_fold)["data_dir"])
+    images = data.find_images(data_dir / data.TRAIN_STAGE)
+    fold_of = fold_assignment(args.folds_csv, images).set_index("image_id")["fold"]
+    models = [member for run in args.runs for member in load_fold_models(run, device)]
+    params = _params(args.runs)
+    folds = sorted({m.fold for m in models})
+    for fold in folds:
+        members = [m for m in models if m.fold == fold]
+        if len({m.config.model for m in members}) < len({m.config.model for m in models}):
+            log.warning("fold %d is missing from some runs; its images use the others", fold)
+        fold_images = {i: p for i, p in images.items() if fold_of[i] == fold}
+        fold_dir = args.out_dir / f"fold{fold}"
+        write_run_info(fold_dir, fold=fold, data_dir=data_dir, device=device)
+
+        def save(image_id, labels, fold_dir=fold_dir):
+            oof.save_prediction(fold_dir, image_id, None, labels)
+
+        labels, seconds = _segment_all(
+            members, fold_images, params, device, options, args, on_labels=save
+        )
+        shapes = {data.image_size(p) for p in fold_images.values()}
+        print(f"fold {fold}: {_summary(labels, seconds, shapes)}")
+    per_image = evaluate_run(args.out_dir, data_dir, args.folds_csv)
+    print(fold_table(per_image).to_string(float_format="%.4f"))
+    print()
+    print(modality_table(per_image).to_string(float_format="%.4f"))
+    cv = float(per_image["score"].mean())
+    print(f"cv: {cv:.4f}")
+    return cv
+
+
+def main(args: argparse.Namespace):
+    device = resolve_device(args.device)
+    options = _options(args)
+    if args.oof:
+        return predict_oof(args, device, options)
+    if args.out is None:
+        raise SystemExit("--out is required (or --oof with --out-dir)")
+    models = [member for run in args.runs for member in load_fold_models(run, device)]
+    params = _params(args.runs)
+    images = data.find_images(args.images)
+    log.info("%d models, %d images, %s, %s", len(models), len(images), params, options)
+    labels, seconds = _segment_all(models, images, params, device, options, args)
+    write_submission(labels, args.out)
+    shapes = {data.image_size(p) for p in images.values()}
+    print(f"{_summary(labels, seconds, shapes)} -> {args.out}")
+    if args.save_overlays:
+        print(f"overlays: {args.save_overlays}")
     return labels
 
 

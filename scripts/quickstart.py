@@ -20,10 +20,11 @@ from pathlib import Path
 from nucleiseg import data
 from nucleiseg.config import load_config
 from nucleiseg.engine import train_folds
+from nucleiseg.ensemble import segment_images
 from nucleiseg.evaluation import evaluate_run, fold_table, modality_table
+from nucleiseg.family import load_params
 from nucleiseg.folds import DEFAULT_FOLDS_PATH
-from nucleiseg.inference import load_fold_models, resolve_device, segment_images
-from nucleiseg.runs import load_postprocess
+from nucleiseg.inference import load_fold_models, resolve_device
 from nucleiseg.submission import write_submission
 
 log = logging.getLogger("quickstart")
@@ -51,7 +52,8 @@ def main(args: argparse.Namespace) -> float:
 
     models = load_fold_models(run_dir, device)
     test_images = data.find_images(args.data_dir / data.TEST_STAGE)
-    labels = segment_images(models, test_images, load_postprocess(run_dir), device)
+    params = {config.model: load_params(run_dir)}
+    labels = segment_images(models, test_images, params, device)
     write_submission(labels, args.out)
     print(f"wrote {args.out} ({len(labels)} images)")
     score = float(per_image["score"].mean())

@@ -1,7 +1,12 @@
-"""Tune the watershed thresholds on a run's out-of-fold probability maps.
+"""Tune a run's raw output -> instances thresholds on its out-of-fold predictions.
 
     python scripts/tune_postprocess.py runs/unetpp_effb0
     python scripts/tune_postprocess.py runs/unetpp_effb0 --apply    # rewrite the OOF labels too
+    python scripts/tune_postprocess.py runs/maskrcnn_r18
+
+U-Net++ runs tune the watershed thresholds on their probability maps, Mask
+R-CNN runs the instance thresholds (score, mask, NMS, minimum size) on their
+soft instances.
 
 Writes the best thresholds to ``<run>/postprocess.yaml`` (used by
 ``scripts/predict.py``) and every evaluation to ``<run>/postprocess_search.csv``.
@@ -24,7 +29,7 @@ from tqdm import tqdm
 from nucleiseg import data, oof
 from nucleiseg.atomic import atomic_path
 from nucleiseg.config import load_config
-from nucleiseg.postprocess import instances_from_probabilities
+from nucleiseg.family import get_family
 from nucleiseg.runs import CONFIG, POSTPROCESS_YAML, read_run_info
 from nucleiseg.tuning import coordinate_search, mean_score
 
@@ -43,25 +48,27 @@ def main(args: argparse.Namespace) -> None:
     folds = oof.oof_fold_dirs(args.run_dir)
     first = next(iter(folds.values()))
     data_dir = args.data_dir or Path(read_run_info(first)["data_dir"])
-    start = load_config(first / CONFIG).postprocess
+    config = load_config(first / CONFIG)
+    family = get_family(config.model)
+    start = family.params(config)
     images = data.find_images(data_dir / data.TRAIN_STAGE)
-    probabilities, fold_dir_of = {}, {}
+    raws, fold_dir_of = {}, {}
     for fold_dir in folds.values():
-        for image_id, maps in oof.load_probabilities(fold_dir).items():
-            probabilities[image_id] = maps
+        for image_id, raw in family.load_oof(fold_dir).items():
+            raws[image_id] = raw
             fold_dir_of[image_id] = fold_dir
-    truth = {i: data.labels_of(images[i]) for i in tqdm(probabilities, desc="truth", unit="image")}
+    truth = {i: data.labels_of(images[i]) for i in tqdm(raws, desc="truth", unit="image")}
 
-    best, history = coordinate_search(probabilities, truth, start)
+    best, history = coordinate_search(raws, truth, start)
     with atomic_path(args.run_dir / "postprocess_search.csv") as tmp:
         history.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(args.run_dir / POSTPROCESS_YAML) as tmp:
         tmp.write_text(yaml.safe_dump(dataclasses.asdict(best), sort_keys=False))
-    log.info("start %s: %.4f", start, mean_score(probabilities, truth, start))
+    log.info("start %s: %.4f", start, mean_score(raws, truth, start))
     log.info("tuned %s", best)
     if args.apply:
-        for image_id, maps in tqdm(probabilities.items(), desc="apply", unit="image"):
-            labels = instances_from_probabilities(maps, best)
+        for image_id, raw in tqdm(raws.items(), desc="apply", unit="image"):
+            labels = family.to_labels(raw, best)
             oof.save_prediction(fold_dir_of[image_id], image_id, None, labels)
     print(f"tuned oof mean AP: {history['mean_ap'].max():.4f}")
 

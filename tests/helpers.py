@@ -8,6 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from nucleiseg.config import TrainConfig, load_config
+
 
 def write_item(root: Path, image_id: str, image: np.ndarray, masks=()) -> Path:
     """Write ``<root>/<id>/images/<id>.png`` and one PNG per mask in ``<id>/masks``.
@@ -44,3 +46,34 @@ def run_script(name: str, argv) -> object:
     """Call ``scripts/<name>.py``'s ``main`` on command-line arguments; return what it returns."""
     script = importlib.import_module(f"scripts.{name}")
     return script.main(script.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+# Narrow heads and few proposals: the same model, small enough for tests.
+TINY_MASKRCNN = {
+    "fpn_channels": 32,
+    "box_head_dim": 64,
+    "mask_head_channels": 32,
+    "rpn_pre_nms_top_n_train": 200,
+    "rpn_post_nms_top_n_train": 100,
+    "rpn_pre_nms_top_n_test": 200,
+    "rpn_post_nms_top_n_test": 100,
+    "box_batch_size_per_image": 64,
+    "box_detections_per_img": 50,
+}
+
+
+def tiny_maskrcnn_config(**overrides) -> TrainConfig:
+    """A Mask R-CNN configuration that trains in seconds on 64 px crops."""
+    values = dict(
+        model="maskrcnn",
+        experiment="tiny_maskrcnn",
+        epochs=2,
+        samples_per_epoch=4,
+        batch_size=2,
+        crop_size=64,
+        val_every=1,
+        num_workers=0,
+        amp=False,
+        maskrcnn=TINY_MASKRCNN,
+    )
+    return load_config(overrides=values | overrides)

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from nucleiseg.instances import Instances, instances_to_labels, mask_iou, suppress_duplicates
+from nucleiseg.instances import (
+    InstanceParams,
+    Instances,
+    instances_to_labels,
+    mask_iou,
+    suppress_duplicates,
+)
 from nucleiseg.metric import average_precision
 
 SHAPE = (64, 80)
@@ -42,7 +48,8 @@ def test_score_threshold_and_small_remnants_are_dropped():
     inside = _disc((30, 30), 9) & ~_disc((30, 30), 8)  # a ring inside the big disc
     faint = _disc((10, 70), 5)
     labels = instances_to_labels(
-        _instances([big, inside, faint], [0.9, 0.8, 0.3]), score_threshold=0.5, min_size=8
+        _instances([big, inside, faint], [0.9, 0.8, 0.3]),
+        InstanceParams(score_threshold=0.5, min_size=8),
     )
     # The ring loses every pixel to the big disc; the faint disc is below threshold.
     assert np.unique(labels).tolist() == [0, 1]

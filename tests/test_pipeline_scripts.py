@@ -6,15 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from helpers import run_script, write_labelled
+from helpers import TINY_MASKRCNN, run_script, write_labelled
 from skimage.draw import disk
 
 from nucleiseg import data, oof, runs
+from nucleiseg.family import load_params
 from nucleiseg.postprocess import PostprocessParams
 from nucleiseg.targets import make_targets
 from nucleiseg.tuning import coordinate_search, mean_score
 
 N_IMAGES = 6
+MASKRCNN = {"model": "maskrcnn", "maskrcnn": TINY_MASKRCNN}
 
 
 def _discs(seed, size=64):
@@ -25,10 +27,10 @@ def _discs(seed, size=64):
     return labels
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A two-fold run of a tiny U-Net++ on six synthetic images."""
-    root = tmp_path_factory.mktemp("pipeline")
+@pytest.fixture(scope="module", params=["unetpp", "maskrcnn"])
+def trained_run(request, tmp_path_factory):
+    """A two-fold run of a tiny model of each family on six synthetic images."""
+    root = tmp_path_factory.mktemp(f"pipeline_{request.param}")
     data_dir = root / "data"
     ids = [f"img{i}" for i in range(N_IMAGES)]
     write_labelled(
@@ -53,6 +55,11 @@ def trained_run(tmp_path_factory):
                 "amp": False,
                 "channels_last": False,
             }
+            | (
+                {"model": "maskrcnn", "maskrcnn": TINY_MASKRCNN}
+                if request.param == "maskrcnn"
+                else {}
+            )
         )
     )
     run_dir = root / "run"
@@ -106,9 +113,9 @@ def test_predict_writes_a_valid_submission_and_label_pngs(trained_run, tmp_path)
 def test_tune_postprocess_writes_thresholds_no_worse_than_the_start(trained_run):
     run_dir, _, _ = trained_run
     run_script("tune_postprocess", [run_dir, "--apply"])
-    tuned = runs.load_postprocess(run_dir)
+    tuned = load_params(run_dir)
     search = pd.read_csv(run_dir / "postprocess_search.csv")
-    start = dataclasses.asdict(PostprocessParams())
+    start = dataclasses.asdict(type(tuned)())
     is_start = np.all([search[k] == v for k, v in start.items()], axis=0)
     assert search["mean_ap"].max() >= search.loc[is_start, "mean_ap"].iloc[0]
     assert search.loc[search["mean_ap"].idxmax(), "min_size"] == tuned.min_size

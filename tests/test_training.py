@@ -4,16 +4,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import tiny_maskrcnn_config
 from skimage.draw import disk
 
 from nucleiseg import engine, oof, runs
 from nucleiseg.config import TrainConfig, load_config
 from nucleiseg.data import Sample
 from nucleiseg.dataset import to_tensor
-from nucleiseg.inference import pad_to_stride, predict_probabilities
+from nucleiseg.family import get_family
+from nucleiseg.inference import predict_probabilities
 from nucleiseg.losses import bce_dice_loss
 from nucleiseg.models import build_model, load_weights
 from nucleiseg.targets import make_targets
+from nucleiseg.tiling import pad_to_stride
 
 
 def _sample(image_id: str, seed: int, size: int = 64) -> Sample:
@@ -69,8 +72,23 @@ def test_config_yaml_then_overrides_and_unknown_keys(tmp_path):
 
 
 def test_unknown_model_fails_by_name():
+    with pytest.raises(ValueError, match="unknown model 'unet'"):
+        _tiny_config(model="unet")
     with pytest.raises(KeyError, match="unknown model 'unet'"):
-        build_model(_tiny_config(model="unet"))
+        build_model(TrainConfig(model="unet"))
+
+
+def test_family_defaults_come_before_the_file_and_the_flags(tmp_path):
+    config = load_config(overrides={"model": "maskrcnn"})
+    assert (config.encoder, config.batch_size, config.experiment) == ("resnet18", 4, "maskrcnn_r18")
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model: maskrcnn\nbatch_size: 2\nmaskrcnn:\n  anchor_sizes: [4, 8, 16, 32, 64]\n"
+    )
+    config = load_config(path, {"encoder": "resnet34"})
+    assert (config.encoder, config.batch_size) == ("resnet34", 2)
+    assert config.maskrcnn.anchor_sizes == (4, 8, 16, 32, 64)
+    assert load_config(path, {"model": "unetpp"}).encoder == "tu-efficientnet_b0"
 
 
 def test_training_steps_lower_the_loss():
@@ -91,11 +109,12 @@ def test_training_steps_lower_the_loss():
 
 
 @pytest.mark.slow
-def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["unetpp", "maskrcnn"])
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(family, tmp_path, monkeypatch):
     train = [_sample(f"t{i}", i) for i in range(3)]
     val = [_sample("v0", 10)]
     modalities = {s.image_id: "fluorescence" for s in train + val}
-    config = _tiny_config()
+    config = _tiny_config() if family == "unetpp" else tiny_maskrcnn_config()
     cpu = torch.device("cpu")
 
     engine.train_fold(config, train, val, modalities, tmp_path / "whole" / "fold0", cpu)
@@ -124,21 +143,21 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatc
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, split["model"][name]), name
     columns = ["epoch", "train_loss", "val_loss", "val_map", "lr"]
+    history = pd.read_csv(tmp_path / "split" / "fold0" / runs.EPOCHS_CSV)[columns]
+    assert history[["train_loss", "val_loss"]].notna().all().all()
     pd.testing.assert_frame_equal(
-        pd.read_csv(tmp_path / "whole" / "fold0" / runs.EPOCHS_CSV)[columns],
-        pd.read_csv(tmp_path / "split" / "fold0" / runs.EPOCHS_CSV)[columns],
+        pd.read_csv(tmp_path / "whole" / "fold0" / runs.EPOCHS_CSV)[columns], history
     )
     # The finished fold keeps compact weights that load back, and its OOF label images.
     model = build_model(config)
     load_weights(model, tmp_path / "split" / "fold0" / runs.WEIGHTS)
     fold, labels = oof.load_oof_labels(tmp_path / "split")["v0"]
     assert fold == 0 and labels.shape == (64, 64)
-    probabilities = oof.read_probabilities(
-        tmp_path / "split" / "fold0" / oof.OOF_DIR / oof.PROBABILITIES_DIR / "v0.png"
-    )
-    assert (
-        probabilities.shape == (3, 64, 64) and 0 <= probabilities.min() <= probabilities.max() <= 1
-    )
+    raw = get_family(family).load_oof(tmp_path / "split" / "fold0")["v0"]
+    if family == "unetpp":
+        assert raw.shape == (3, 64, 64) and 0 <= raw.min() <= raw.max() <= 1
+    else:
+        assert raw.shape == (64, 64) and all(0 <= m.min() <= m.max() <= 1 for m in raw.masks)
 
 
 def test_encoder_weights_from_a_local_file_and_init_from_a_checkpoint(tmp_path):

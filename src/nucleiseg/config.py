@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 from nucleiseg.atomic import atomic_path
+from nucleiseg.instances import InstanceParams
+from nucleiseg.maskrcnn import MaskRCNNParams
 from nucleiseg.modality import BRIGHTFIELD, FLUORESCENCE, TISSUE
 from nucleiseg.postprocess import PostprocessParams
 from nucleiseg.targets import TargetParams
@@ -26,8 +28,10 @@ class TrainConfig:
 
     Attributes:
         experiment: Name of the run; the default output is ``runs/<experiment>/fold<K>``.
-        model: Model family, a key of ``nucleiseg.models.FAMILIES``.
-        encoder: Encoder name for the family's builder (an smp encoder for U-Net++).
+        model: Model family, a key of ``nucleiseg.family.FAMILIES``; its
+            entry in :data:`FAMILY_DEFAULTS` replaces these defaults.
+        encoder: Encoder name for the family's builder: an smp encoder for
+            U-Net++, a ResNet (``resnet18/34/50``) for Mask R-CNN's FPN backbone.
         encoder_weights: Pretrained encoder weights to load (e.g. ``imagenet``),
             or None to start from scratch (nothing can be downloaded offline).
         init_from: Local checkpoint whose model weights start the run.
@@ -51,8 +55,11 @@ class TrainConfig:
             (body, border and separation overlap, so no softmax).
         seed: Seed of weights, crops and augmentation.
         targets: How the training targets are drawn.
-        postprocess: Probabilities -> instances thresholds used for validation
-            and OOF labels.
+        postprocess: U-Net++ probabilities -> instances thresholds used for
+            validation and OOF labels.
+        maskrcnn: Mask R-CNN anchors, head widths, detection counts and input scale.
+        instances: Mask R-CNN detections -> instances thresholds used for
+            validation and OOF labels.
     """
 
     experiment: str = "unetpp_effb0"
@@ -79,10 +86,31 @@ class TrainConfig:
     seed: int = 0
     targets: TargetParams = field(default_factory=TargetParams)
     postprocess: PostprocessParams = field(default_factory=PostprocessParams)
+    maskrcnn: MaskRCNNParams = field(default_factory=MaskRCNNParams)
+    instances: InstanceParams = field(default_factory=InstanceParams)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), as written to YAML."""
         return _plain(dataclasses.asdict(self))
+
+
+# What each family changes in the defaults above (the dataclass defaults are U-Net++'s).
+# Mask R-CNN: a ResNet-18 FPN is what trains in reasonable time on a CPU; a batch
+# of 4 crops of 256 px holds 50-150 nuclei, enough for the box and mask heads;
+# plain (not channels_last) tensors, since most of its time is in the heads.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "unetpp": {},
+    "maskrcnn": {
+        "experiment": "maskrcnn_r18",
+        "encoder": "resnet18",
+        "batch_size": 4,
+        "samples_per_epoch": 384,
+        "epochs": 12,
+        "lr": 1e-3,
+        "val_every": 4,
+        "channels_last": False,
+    },
+}
 
 
 def _plain(value: Any) -> Any:
@@ -126,7 +154,9 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 def load_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
-    """Defaults, updated by a YAML file, updated by explicit overrides.
+    """Defaults, the model family's defaults, a YAML file, then explicit overrides.
+
+    The family is the one named by the overrides, else by the file, else U-Net++.
 
     Args:
         path: YAML file with any subset of the settings (nested for ``targets``
@@ -140,7 +170,7 @@ def load_config(
     Raises:
         ValueError: On an unknown setting, naming it.
     """
-    values = TrainConfig().to_dict()
+    loaded: dict[str, Any] = {}
     where = "defaults"
     if path is not None:
         path = Path(path)
@@ -148,10 +178,13 @@ def load_config(
             loaded = yaml.safe_load(f) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of settings")
-        values = merge(values, loaded)
         where = str(path)
-    if overrides:
-        values = merge(values, {k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values = TrainConfig().to_dict()
+    family = overrides.get("model", loaded.get("model", values["model"]))
+    if family not in FAMILY_DEFAULTS:
+        raise ValueError(f"unknown model {family!r}; choose from {', '.join(FAMILY_DEFAULTS)}")
+    values = merge(merge(merge(values, FAMILY_DEFAULTS[family]), loaded), overrides)
     return _build(TrainConfig, values, where)
 
 

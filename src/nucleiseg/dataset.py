@@ -120,8 +120,10 @@ class NucleiDataset(Dataset):
             image), e.g. :func:`nucleiseg.augment.train_transform`. Its random
             state is reset for every item.
         samples_per_epoch: Items per epoch; each draws an image with replacement.
-        target_fn: Augmented label image -> target array (C, H, W); the
-            U-Net++ family's :func:`nucleiseg.targets.make_targets` by default.
+        target_fn: Augmented label image -> targets: an array (C, H, W),
+            returned as a float32 tensor (by default the U-Net++ family's
+            :func:`nucleiseg.targets.make_targets`), or anything the family's
+            collate function takes, such as Mask R-CNN's boxes and masks.
         probabilities: Probability of drawing each sample (see
             :func:`sample_weights`); None draws uniformly.
         seed: Seed of the image draws and the augmentation.
@@ -180,7 +182,7 @@ class NucleiDataset(Dataset):
 
         Returns:
             (image, targets): the :func:`to_tensor` image, float32 (3, H, W),
-            and the targets as float32 (C, H, W).
+            and the targets (float32 (C, H, W) when ``target_fn`` gives an array).
         """
         if not 0 <= index < self.samples_per_epoch:
             raise IndexError(f"index {index} out of range for {self.samples_per_epoch} items")
@@ -194,4 +196,6 @@ class NucleiDataset(Dataset):
         # Targets come from the augmented label image, never from augmented target
         # maps, so that border widths and separations match the crop's scale.
         targets = self.target_fn(augmented["mask"])
-        return to_tensor(augmented["image"]), torch.from_numpy(targets.astype(np.float32))
+        if isinstance(targets, np.ndarray):
+            targets = torch.from_numpy(targets.astype(np.float32))
+        return to_tensor(augmented["image"]), targets

@@ -1,4 +1,4 @@
-"""The training engine shared by the model families.
+"""The training engine shared by the model families (see :mod:`nucleiseg.family`).
 
 One fold's run: train for the configured epochs, score the whole validation
 images with the competition metric every few epochs, write the best and the
@@ -10,7 +10,6 @@ on (seed, epoch, index), and the checkpoint holds the random state.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import random
@@ -27,20 +26,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from nucleiseg import oof
 from nucleiseg.atomic import atomic_path
 from nucleiseg.augment import train_transform
 from nucleiseg.config import TrainConfig, save_config
 from nucleiseg.data import TRAIN_STAGE, Sample, find_images
 from nucleiseg.dataset import NucleiDataset, load_samples, sample_weights
+from nucleiseg.family import Family, get_family
 from nucleiseg.folds import fold_assignment, parse_fold_list
-from nucleiseg.inference import autocast, predict_logits
-from nucleiseg.losses import get_loss
 from nucleiseg.metric import average_precision
 from nucleiseg.models import build_model
-from nucleiseg.postprocess import instances_from_probabilities
 from nucleiseg.runs import BEST, CONFIG, EPOCHS_CSV, LAST, WEIGHTS, write_run_info
-from nucleiseg.targets import make_targets
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +74,7 @@ class Trainer:
     """Model, optimiser and schedule of one fold, built from the configuration."""
 
     config: TrainConfig
+    family: Family
     device: torch.device
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -88,6 +84,7 @@ class Trainer:
 
     @classmethod
     def create(cls, config: TrainConfig, device: torch.device) -> Trainer:
+        family = get_family(config.model)
         seed_everything(config.seed)
         model = build_model(config).to(device)
         if config.channels_last:
@@ -102,7 +99,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         # Loss scaling is only needed for float16; bfloat16 has float32's range.
         scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
-        return cls(config, device, model, optimizer, scheduler, scaler, steps_per_epoch)
+        return cls(config, family, device, model, optimizer, scheduler, scaler, steps_per_epoch)
 
     def state(self, epoch: int, history: list[dict], best_score: float) -> dict:
         return {
@@ -131,18 +128,16 @@ class Trainer:
 
     def train_one_epoch(self, loader: DataLoader, epoch: int) -> float:
         """One pass over the loader; returns the mean training loss."""
-        loss_fn = get_loss(self.config.loss)
         self.model.train()
         total, count = 0.0, 0
         progress = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch")
         for images, targets in progress:
             images = images.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+            if isinstance(targets, torch.Tensor):
+                targets = targets.to(self.device, non_blocking=True)
             if self.config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.config.amp):
-                logits = self.model(images)
-            loss = loss_fn(logits, targets)
+            loss = self.family.training_loss(self.model, images, targets, self.config)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -153,21 +148,19 @@ class Trainer:
             progress.set_postfix(loss=f"{total / count:.4f}")
         return total / max(count, 1)
 
-    def logits(self, sample: Sample) -> torch.Tensor:
-        """The model's logits for a whole image, float32 (C, H, W) on the CPU."""
+    def predict(self, sample: Sample):
+        """The family's raw output for a whole image (the model is put in eval mode)."""
         self.model.eval()
-        return predict_logits(self.model, sample.image, self.device, self.config.amp)
+        return self.family.predict(self.model, sample.image, self.config, self.device)
 
     def validate(self, samples: Sequence[Sample]) -> tuple[float, float]:
         """Mean loss and mean AP (competition metric, after postprocessing) on whole images."""
-        loss_fn = get_loss(self.config.loss)
+        params = self.family.params(self.config)
         losses, scores = [], []
         for sample in tqdm(samples, desc="validate", unit="image", leave=False):
-            logits = self.logits(sample)
-            targets = torch.from_numpy(make_targets(sample.labels, self.config.targets))
-            losses.append(loss_fn(logits[None], targets[None]).item())
-            probabilities = torch.sigmoid(logits).numpy()
-            labels = instances_from_probabilities(probabilities, self.config.postprocess)
+            loss, raw = self.family.evaluate(self.model, sample, self.config, self.device)
+            losses.append(loss)
+            labels = self.family.to_labels(raw, params)
             scores.append(average_precision(sample.labels, labels).score)
         return float(np.mean(losses)), float(np.mean(scores))
 
@@ -229,11 +222,12 @@ def train_fold(
         log.info("resuming %s after epoch %d", out_dir, start_epoch)
     save_config(config, out_dir / CONFIG)
 
+    family = trainer.family
     dataset = NucleiDataset(
-        train_samples,
+        [family.prepare(s, config) for s in train_samples],
         transform=train_transform(config.crop_size, config.scale_range),
         samples_per_epoch=trainer.steps_per_epoch * config.batch_size,
-        target_fn=functools.partial(make_targets, params=config.targets),
+        target_fn=family.target_fn(config),
         probabilities=sample_weights(
             [modalities[s.image_id] for s in train_samples], config.modality_weights
         ),
@@ -249,6 +243,7 @@ def train_fold(
             drop_last=True,
             num_workers=config.num_workers,
             pin_memory=device.type == "cuda",
+            collate_fn=family.collate,
         )
         row = {
             "epoch": epoch + 1,
@@ -280,10 +275,10 @@ def train_fold(
     save_compact_weights(trainer.model, out_dir / WEIGHTS)
     # Out-of-fold predictions come from the last epoch, not the best one: picking
     # the epoch by its validation score would tune on the held-out images.
+    params = family.params(config)
     for sample in tqdm(val_samples, desc="out-of-fold", unit="image"):
-        probabilities = torch.sigmoid(trainer.logits(sample)).numpy()
-        labels = instances_from_probabilities(probabilities, config.postprocess)
-        oof.save_prediction(out_dir, sample.image_id, probabilities, labels)
+        raw = trainer.predict(sample)
+        family.save_oof(out_dir, sample.image_id, raw, family.to_labels(raw, params))
     return trainer.model
 
 

@@ -1,30 +1,80 @@
-"""Running a trained model over whole images.
+"""Running a trained model over images: devices, precision, loading fold models, and
+the semantic family's prediction with tiles and test-time augmentation.
 
 Images are padded (by reflection) to a multiple of the network's stride rather
 than resized, so that nuclei keep the size the model was trained on, and the
-output is cropped back to the image.
+output is cropped back to the image. Test-time views (D4 transforms, scales)
+are predicted one by one, inverted exactly, and averaged as probabilities.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from nucleiseg import tta
 from nucleiseg.config import TrainConfig, load_config
-from nucleiseg.data import read_image
 from nucleiseg.dataset import to_tensor
 from nucleiseg.models import build_model, load_weights
-from nucleiseg.postprocess import PostprocessParams, instances_from_probabilities
 from nucleiseg.runs import CONFIG, WEIGHTS, fold_dirs
+from nucleiseg.tiling import check_tile, pad_to_stride, predict_dense_tiled
 
-STRIDE = 32
+FAMILY_MERGES = ("nms", "vote", "agree")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How images are predicted: test-time views, tiling, and how views are merged.
+
+    Attributes:
+        tta: D4 views: ``none``, ``flip`` (identity, left-right, up-down) or
+            ``d4`` (all 8 flips and quarter turns).
+        scales: Resize factors; each scale is predicted with every D4 view.
+        tile: Tile side in pixels (a multiple of 32), or None for whole images.
+        overlap: Pixels shared by neighbouring tiles; for Mask R-CNN it must
+            exceed the largest nucleus, so that each one is whole in some tile.
+        batch_size: Tiles per forward pass.
+        vote_fraction: Mask R-CNN: share of the views (D4 x scales) that must
+            find a nucleus for it to be kept.
+        vote_iou: Mask R-CNN: mask IoU above which instances of two views are
+            the same nucleus.
+        family_merge: How the instances of two families are combined: ``nms``
+            (pooled, the higher-scored of two overlapping instances kept),
+            ``vote`` (matched instances' masks averaged, unmatched ones kept)
+            or ``agree`` (only nuclei both families found).
+        family_iou: Mask IoU above which instances of two families are the
+            same nucleus.
+    """
+
+    tta: str = "none"
+    scales: tuple[float, ...] = (1.0,)
+    tile: int | None = None
+    overlap: int = 128
+    batch_size: int = 4
+    vote_fraction: float = 0.5
+    vote_iou: float = 0.5
+    family_merge: str = "nms"
+    family_iou: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.family_merge not in FAMILY_MERGES:
+            choices = ", ".join(FAMILY_MERGES)
+            raise ValueError(f"unknown family merge {self.family_merge!r}; choose from {choices}")
+        tta.transforms(self.tta)
+        tta.parse_scales(self.scales)
+        if self.tile is not None:
+            check_tile(self.tile, self.overlap)
+        if not 0 < self.vote_fraction <= 1:
+            raise ValueError(f"vote_fraction must be in (0, 1], got {self.vote_fraction}")
+
+    def views(self) -> list[tuple[float, tta.Transform]]:
+        """Every (scale, D4 transform) view, scales outermost."""
+        return [(s, t) for s in self.scales for t in tta.transforms(self.tta)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,17 +94,6 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
         return contextlib.nullcontext()
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
-
-
-def pad_to_stride(image: np.ndarray, stride: int = STRIDE) -> np.ndarray:
-    """Reflect-pad an (H, W, C) image at the bottom and right to multiples of ``stride``."""
-    height, width = image.shape[:2]
-    pad_y, pad_x = -height % stride, -width % stride
-    if not pad_y and not pad_x:
-        return image
-    # Reflection needs the pad to be shorter than the side; symmetric has no such limit.
-    mode = "reflect" if pad_y < height and pad_x < width else "symmetric"
-    return np.pad(image, ((0, pad_y), (0, pad_x), (0, 0)), mode=mode)
 
 
 @torch.no_grad()
@@ -80,10 +119,43 @@ def predict_logits(
 
 
 def predict_probabilities(
-    model: nn.Module, image: np.ndarray, device: torch.device, amp: bool = False
+    model: nn.Module,
+    image: np.ndarray,
+    device: torch.device,
+    amp: bool = False,
+    options: InferenceOptions | None = None,
 ) -> np.ndarray:
-    """Sigmoid probabilities of the model for one whole image, float32 (C, H, W)."""
-    return torch.sigmoid(predict_logits(model, image, device, amp)).numpy()
+    """Sigmoid probabilities of the model for one image, averaged over test-time views.
+
+    Args:
+        model: Model in eval mode, mapping (N, 3, H, W) to logits (N, C, H, W).
+        image: RGB uint8 image, shape (H, W, 3).
+        device: Where to run.
+        amp: Use mixed precision.
+        options: Views and tiling; None is one whole-image pass.
+
+    Returns:
+        float32 (C, H, W) in [0, 1].
+    """
+    if options is None:
+        return torch.sigmoid(predict_logits(model, image, device, amp)).numpy()
+
+    @torch.no_grad()
+    def probabilities(batch: torch.Tensor) -> torch.Tensor:
+        with autocast(device, amp):
+            logits = model(batch.to(device))
+        return torch.sigmoid(logits.float())
+
+    views = options.views()
+    total = None
+    for scale, transform in views:
+        view = tta.apply(tta.resize_image(image, scale), transform)
+        maps = predict_dense_tiled(
+            probabilities, to_tensor(view), options.tile, options.overlap, options.batch_size
+        )
+        maps = tta.resize_maps(tta.invert_maps(maps, transform), image.shape[:2])
+        total = maps if total is None else total + maps
+    return total / len(views)
 
 
 @dataclass
@@ -122,42 +194,3 @@ def load_fold_models(run_dir: Path, device: torch.device) -> list[FoldModel]:
     if not loaded:
         raise FileNotFoundError(f"{run_dir}: no fold with {WEIGHTS}; has a fold finished training?")
     return loaded
-
-
-def predict_ensemble(
-    models: Sequence[FoldModel], image: np.ndarray, device: torch.device
-) -> np.ndarray:
-    """Probabilities averaged over models, float32 (C, H, W).
-
-    Averaging probability maps before postprocessing, rather than merging
-    instances, lets the models' agreement decide every boundary.
-    """
-    total = None
-    for member in models:
-        probabilities = predict_probabilities(member.model, image, device, member.config.amp)
-        total = probabilities if total is None else total + probabilities
-    return total / len(models)
-
-
-def segment_images(
-    models: Sequence[FoldModel],
-    images: Mapping[str, Path],
-    params: PostprocessParams,
-    device: torch.device,
-) -> dict[str, np.ndarray]:
-    """Label images of image files, from the models' averaged probabilities.
-
-    Args:
-        models: Fold models (see :func:`load_fold_models`).
-        images: Image id -> image file (see :func:`nucleiseg.data.find_images`).
-        params: Postprocessing thresholds.
-        device: Where the models run.
-
-    Returns:
-        Image id -> int32 label image.
-    """
-    labels = {}
-    for image_id, path in tqdm(images.items(), desc="predict", unit="image"):
-        probabilities = predict_ensemble(models, read_image(path), device)
-        labels[image_id] = instances_from_probabilities(probabilities, params)
-    return labels

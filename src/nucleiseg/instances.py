@@ -19,6 +19,7 @@ result does not depend on the order the instances come in.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,14 +28,14 @@ from torchvision.ops import batched_nms
 
 
 @dataclass(frozen=True, eq=False)
-class Instances:
-    """Instances of one image: a score, a box and a box-cropped mask each.
+class _BoxedMasks:
+    """Scores, boxes and box-cropped masks of one image, checked to fit together.
 
     Attributes:
         shape: (H, W) of the image.
         scores: float (N,) confidence of each instance.
         boxes: int64 (N, 4) as (y0, x0, y1, x1), end-exclusive, inside the image.
-        masks: N boolean arrays, mask ``i`` of shape (y1 - y0, x1 - x0) of box ``i``.
+        masks: N arrays, mask ``i`` of shape (y1 - y0, x1 - x0) of box ``i``.
     """
 
     shape: tuple[int, int]
@@ -59,9 +60,22 @@ class Instances:
         return len(self.masks)
 
     @classmethod
-    def empty(cls, shape: tuple[int, int]) -> Instances:
+    def empty(cls, shape: tuple[int, int]):
         """No instance."""
         return cls(tuple(shape), np.zeros(0), np.zeros((0, 4), np.int64), ())
+
+    def subset(self, keep: np.ndarray):
+        """The instances at the indices (or boolean mask) ``keep``, in that order."""
+        keep = np.asarray(keep)
+        index = np.flatnonzero(keep) if keep.dtype == bool else keep.astype(np.int64)
+        return type(self)(
+            self.shape, self.scores[index], self.boxes[index], tuple(self.masks[i] for i in index)
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Instances(_BoxedMasks):
+    """Instances of one image: a score, a box and a boolean box-cropped mask each."""
 
     @classmethod
     def from_full_masks(cls, masks: np.ndarray, scores: np.ndarray) -> Instances:
@@ -99,18 +113,62 @@ class Instances:
             labels.shape, np.asarray(scores, float), np.asarray(boxes, np.int64), tuple(crops)
         )
 
-    def subset(self, keep: np.ndarray) -> Instances:
-        """The instances at the indices (or boolean mask) ``keep``, in that order."""
-        index = np.flatnonzero(keep) if keep.dtype == bool else np.asarray(keep, np.int64)
-        return Instances(
-            self.shape, self.scores[index], self.boxes[index], tuple(self.masks[i] for i in index)
-        )
-
     def canonical_order(self) -> np.ndarray:
         """Indices from the highest score down; ties broken by box, then mask area."""
         areas = np.array([m.sum() for m in self.masks], np.int64)
         keys = (-areas, self.boxes[:, 3], self.boxes[:, 2], self.boxes[:, 1], self.boxes[:, 0])
         return np.lexsort((*keys, -self.scores))
+
+
+@dataclass(frozen=True, eq=False)
+class SoftInstances(_BoxedMasks):
+    """Instances with probability masks in [0, 1]: a detector's output before thresholding."""
+
+    @classmethod
+    def concatenate(cls, items: Sequence[SoftInstances]) -> SoftInstances:
+        """All instances of several sets for the same image, in order."""
+        if not items:
+            raise ValueError("nothing to concatenate")
+        shapes = {tuple(item.shape) for item in items}
+        if len(shapes) != 1:
+            raise ValueError(f"instances of different images: shapes {sorted(shapes)}")
+        return cls(
+            items[0].shape,
+            np.concatenate([np.asarray(item.scores, float) for item in items]),
+            np.concatenate([item.boxes for item in items]).astype(np.int64),
+            tuple(mask for item in items for mask in item.masks),
+        )
+
+    @classmethod
+    def from_instances(cls, instances: Instances) -> SoftInstances:
+        """Binary instances as soft ones (probability 1 inside, 0 outside)."""
+        masks = tuple(m.astype(np.float32) for m in instances.masks)
+        return cls(instances.shape, instances.scores, instances.boxes, masks)
+
+    def binarize(self, threshold: float = 0.5) -> Instances:
+        """Masks above ``threshold``, boxes shrunk to them; instances left empty are dropped."""
+        return self.binarize_indexed(threshold)[0]
+
+    def binarize_indexed(self, threshold: float = 0.5) -> tuple[Instances, np.ndarray]:
+        """:meth:`binarize`, and for each binary instance the index of its soft one."""
+        scores, boxes, crops, index = [], [], [], []
+        for i, (score, (y0, x0, _, _), mask) in enumerate(
+            zip(self.scores, self.boxes, self.masks, strict=True)
+        ):
+            binary = mask > threshold
+            rows, cols = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
+            if rows.size == 0:
+                continue
+            scores.append(score)
+            boxes.append((y0 + rows[0], x0 + cols[0], y0 + rows[-1] + 1, x0 + cols[-1] + 1))
+            crops.append(binary[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+            index.append(i)
+        if not crops:
+            return Instances.empty(self.shape), np.zeros(0, np.int64)
+        binary = Instances(
+            self.shape, np.asarray(scores, float), np.asarray(boxes, np.int64), tuple(crops)
+        )
+        return binary, np.asarray(index, np.int64)
 
 
 def mask_iou(a: Instances, i: int, b: Instances, j: int) -> float:
@@ -145,8 +203,15 @@ def suppress_duplicates(
     Returns:
         The kept instances, from the highest score down.
     """
+    return instances.subset(nms_indices(instances, box_iou_threshold, mask_iou_threshold))
+
+
+def nms_indices(
+    instances: Instances, box_iou_threshold: float = 0.7, mask_iou_threshold: float = 0.5
+) -> np.ndarray:
+    """Indices of the instances :func:`suppress_duplicates` keeps, from the highest score down."""
     if len(instances) == 0:
-        return instances
+        return np.zeros(0, np.int64)
     order = instances.canonical_order()
     ranked = instances.subset(order)
     # batched_nms breaks score ties by position; giving it ranks as scores keeps
@@ -154,14 +219,90 @@ def suppress_duplicates(
     rank_scores = torch.arange(len(ranked), 0, -1, dtype=torch.float64)
     boxes_xyxy = torch.from_numpy(ranked.boxes[:, [1, 0, 3, 2]].astype(np.float64))
     one_class = torch.zeros(len(ranked), dtype=torch.int64)
-    keep = batched_nms(boxes_xyxy, rank_scores, one_class, box_iou_threshold).numpy()
-    ranked = ranked.subset(np.sort(keep))
+    keep = np.sort(batched_nms(boxes_xyxy, rank_scores, one_class, box_iou_threshold).numpy())
+    ranked = ranked.subset(keep)
     touching = _boxes_touch(ranked.boxes)
     kept = np.zeros(len(ranked), bool)
     for i in range(len(ranked)):
         rivals = np.flatnonzero(kept & touching[i])
         kept[i] = all(mask_iou(ranked, i, ranked, k) <= mask_iou_threshold for k in rivals)
-    return ranked.subset(kept)
+    return order[keep[kept]]
+
+
+def merge_views(
+    views: Sequence[SoftInstances],
+    iou_threshold: float = 0.5,
+    min_votes: int = 1,
+    mask_threshold: float = 0.5,
+) -> SoftInstances:
+    """Instances found in several views (TTA views, folds or model families), merged by vote.
+
+    From the highest score down, an instance not yet used gathers from every
+    other view the unused instance whose mask overlaps it most, if by more
+    than ``iou_threshold``. A group found in at least ``min_votes`` views
+    becomes one instance: its soft masks averaged over the union of their
+    boxes, and its score the sum of its members' scores over the number of
+    views, so that an instance every view found keeps its mean score and one
+    that few found is discounted. Masks are compared thresholded at
+    ``mask_threshold``; instances empty at that threshold are left out.
+
+    Args:
+        views: Soft instances of the same image from each view.
+        iou_threshold: Mask IoU above which two instances are the same nucleus.
+        min_votes: Views that must have found a nucleus for it to be kept.
+        mask_threshold: Threshold of the soft masks for the IoU.
+
+    Returns:
+        The merged instances, from the highest score down. The result does
+        not depend on the order of the instances within each view.
+    """
+    if not views:
+        raise ValueError("no views to merge")
+    if not 1 <= min_votes <= len(views):
+        raise ValueError(f"min_votes must be in [1, {len(views)}], got {min_votes}")
+    pooled = SoftInstances.concatenate(views)
+    view_of = np.concatenate([np.full(len(v), k) for k, v in enumerate(views)]).astype(np.int64)
+    binary, index = pooled.binarize_indexed(mask_threshold)
+    if len(binary) == 0:
+        return SoftInstances.empty(pooled.shape)
+    view_of = view_of[index]
+    touching = _boxes_touch(binary.boxes)
+    used = np.zeros(len(binary), bool)
+    groups = []
+    for i in binary.canonical_order():
+        if used[i]:
+            continue
+        used[i] = True
+        best: dict[int, tuple[float, int]] = {}
+        for j in np.flatnonzero(touching[i] & ~used & (view_of != view_of[i])):
+            iou = mask_iou(binary, i, binary, j)
+            if iou > iou_threshold and iou > best.get(view_of[j], (0.0, -1))[0]:
+                best[view_of[j]] = (iou, j)
+        members = [i, *(j for _, j in best.values())]
+        used[members] = True
+        if len(members) >= min_votes:
+            groups.append([index[m] for m in members])
+    return _average_groups(pooled, groups, len(views))
+
+
+def _average_groups(pooled: SoftInstances, groups: list[list[int]], n_views: int) -> SoftInstances:
+    if not groups:
+        return SoftInstances.empty(pooled.shape)
+    scores, boxes, masks = [], [], []
+    for members in groups:
+        member_boxes = pooled.boxes[members]
+        y0, x0 = member_boxes[:, 0].min(), member_boxes[:, 1].min()
+        y1, x1 = member_boxes[:, 2].max(), member_boxes[:, 3].max()
+        total = np.zeros((y1 - y0, x1 - x0), np.float32)
+        for m in members:
+            by0, bx0, by1, bx1 = pooled.boxes[m]
+            total[by0 - y0 : by1 - y0, bx0 - x0 : bx1 - x0] += pooled.masks[m]
+        scores.append(float(np.sum(pooled.scores[members])) / n_views)
+        boxes.append((y0, x0, y1, x1))
+        masks.append(total / len(members))
+    return SoftInstances(
+        pooled.shape, np.asarray(scores, float), np.asarray(boxes, np.int64), tuple(masks)
+    )
 
 
 def _boxes_touch(boxes: np.ndarray) -> np.ndarray:
@@ -195,25 +336,40 @@ def resolve_overlaps(instances: Instances, min_size: int = 8) -> np.ndarray:
     return labels
 
 
+@dataclass(frozen=True)
+class InstanceParams:
+    """Scored instances -> label image thresholds; tuned on out-of-fold predictions.
+
+    Attributes:
+        score_threshold: Instances scoring at or below this are dropped.
+        mask_threshold: A soft mask's pixels above this belong to the instance.
+        box_iou_threshold: See :func:`suppress_duplicates`.
+        mask_iou_threshold: See :func:`suppress_duplicates`.
+        min_size: See :func:`resolve_overlaps`.
+    """
+
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    box_iou_threshold: float = 0.7
+    mask_iou_threshold: float = 0.5
+    min_size: int = 8
+
+
 def instances_to_labels(
-    instances: Instances,
-    score_threshold: float = 0.5,
-    box_iou_threshold: float = 0.7,
-    mask_iou_threshold: float = 0.5,
-    min_size: int = 8,
+    instances: Instances | SoftInstances, params: InstanceParams = InstanceParams()
 ) -> np.ndarray:
     """Scored instances -> label image: threshold, suppress duplicates, resolve overlaps.
 
     Args:
-        instances: Scored instances of one image.
-        score_threshold: Instances scoring at or below this are dropped.
-        box_iou_threshold: See :func:`suppress_duplicates`.
-        mask_iou_threshold: See :func:`suppress_duplicates`.
-        min_size: See :func:`resolve_overlaps`.
+        instances: Scored instances of one image; soft masks are first
+            thresholded at ``params.mask_threshold``.
+        params: The thresholds.
 
     Returns:
         int32 label image, 0 = background.
     """
-    confident = instances.subset(instances.scores > score_threshold)
-    kept = suppress_duplicates(confident, box_iou_threshold, mask_iou_threshold)
-    return resolve_overlaps(kept, min_size)
+    confident = instances.subset(instances.scores > params.score_threshold)
+    if isinstance(confident, SoftInstances):
+        confident = confident.binarize(params.mask_threshold)
+    kept = suppress_duplicates(confident, params.box_iou_threshold, params.mask_iou_threshold)
+    return resolve_overlaps(kept, params.min_size)

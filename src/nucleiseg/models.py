@@ -8,9 +8,13 @@ from pathlib import Path
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
+from torchvision.models import get_model_weights
 
 from nucleiseg.config import TrainConfig
+from nucleiseg.maskrcnn import build_maskrcnn
 from nucleiseg.targets import CHANNELS
+
+_LOCAL_WEIGHTS = (".pt", ".pth", ".bin", ".safetensors")
 
 
 def build_unetpp(config: TrainConfig) -> nn.Module:
@@ -27,7 +31,7 @@ def build_unetpp(config: TrainConfig) -> nn.Module:
         sides are multiples of 32.
     """
     weights = config.encoder_weights
-    local = weights is not None and Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors")
+    local = weights is not None and Path(weights).suffix in _LOCAL_WEIGHTS
     try:
         model = smp.UnetPlusPlus(
             encoder_name=config.encoder,
@@ -48,8 +52,42 @@ def build_unetpp(config: TrainConfig) -> nn.Module:
     return model
 
 
+def build_maskrcnn_model(config: TrainConfig) -> nn.Module:
+    """Mask R-CNN with the ResNet-FPN backbone named by ``config.encoder``.
+
+    Args:
+        config: ``encoder`` names the ResNet; ``maskrcnn`` holds anchors, head
+            widths and detection counts; ``encoder_weights`` is None (random
+            initialisation), a local file with the ResNet's ImageNet state
+            dict (works offline), or ``imagenet`` (torchvision's weights, from
+            the download cache or the network).
+
+    Returns:
+        The model (see :func:`nucleiseg.maskrcnn.build_maskrcnn`).
+    """
+    model = build_maskrcnn(config.encoder, config.maskrcnn)
+    weights = config.encoder_weights
+    if weights is None:
+        return model
+    if Path(weights).suffix in _LOCAL_WEIGHTS:
+        _load_backbone(model.backbone.body, weights)
+        return model
+    if weights != "imagenet":
+        raise ValueError(f"encoder_weights {weights!r}: expected imagenet or a local file")
+    try:
+        state = get_model_weights(config.encoder).DEFAULT.get_state_dict(progress=False)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise RuntimeError(
+            f"could not load ImageNet weights for {config.encoder}: {error}. With no network, "
+            "put them in the torch hub cache, pass a local file with --encoder-weights PATH, "
+            "or start from --init-from CKPT."
+        ) from error
+    model.backbone.body.load_state_dict(state, strict=False)
+    return model
+
+
 def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a pretrained classification network's weights into the model's encoder.
+    """Load a pretrained classification network's weights into an smp model's encoder.
 
     Layers the encoder does not have (the classifier head) are ignored; every
     encoder layer must be found in the file.
@@ -59,19 +97,31 @@ def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
         path: State dict of the encoder's backbone (e.g. a timm or torchvision
             ImageNet checkpoint), possibly wrapped in ``{"state_dict": ...}``.
     """
+    # timm-based encoders keep the backbone in .model; smp's own ones are the backbone.
+    _load_backbone(getattr(model.encoder, "model", model.encoder), path)
+
+
+def _load_backbone(backbone: nn.Module, path: str | Path) -> None:
+    """Load a classification network's state dict into a backbone that lacks its head.
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        ValueError: If a backbone weight is not in the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such encoder weights file")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
-    # timm-based encoders keep the backbone in .model; smp's own ones are the backbone.
-    encoder = getattr(model.encoder, "model", model.encoder)
-    missing, _ = encoder.load_state_dict(state, strict=False)
+    missing, _ = backbone.load_state_dict(state, strict=False)
     if missing:
         raise ValueError(f"{path}: {len(missing)} encoder weights missing, e.g. {missing[0]}")
 
 
-BUILDERS: dict[str, Callable[[TrainConfig], nn.Module]] = {"unetpp": build_unetpp}
+BUILDERS: dict[str, Callable[[TrainConfig], nn.Module]] = {
+    "unetpp": build_unetpp,
+    "maskrcnn": build_maskrcnn_model,
+}
 
 
 def build_model(config: TrainConfig) -> nn.Module:

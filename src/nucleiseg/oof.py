@@ -19,11 +19,13 @@ import numpy as np
 
 from nucleiseg.atomic import atomic_path
 from nucleiseg.data import DataError, read_raw
+from nucleiseg.instances import SoftInstances
 from nucleiseg.runs import fold_dirs
 
 OOF_DIR = "oof"
 LABELS_DIR = "labels"
 PROBABILITIES_DIR = "probabilities"
+INSTANCES_DIR = "instances"
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
@@ -60,6 +62,54 @@ def save_prediction(
         # cv2 writes BGR: reverse so that body, border, separation are R, G, B.
         bgr = np.ascontiguousarray(quantized[::-1].transpose(1, 2, 0))
         _write_png(fold_dir / OOF_DIR / PROBABILITIES_DIR / f"{image_id}.png", bgr)
+
+
+def save_instances(fold_dir: Path, image_id: str, instances: SoftInstances) -> None:
+    """Write one image's out-of-fold soft instances as a compressed ``.npz``, atomically.
+
+    The masks are quantized to uint8 and stored back to back, each its box's
+    size, so the file grows with the nuclei rather than with the image.
+    """
+    flat = [np.rint(np.clip(m, 0.0, 1.0) * 255).astype(np.uint8).ravel() for m in instances.masks]
+    path = Path(fold_dir) / OOF_DIR / INSTANCES_DIR / f"{image_id}.npz"
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.savez_compressed(
+            f,
+            shape=np.asarray(instances.shape, np.int64),
+            scores=instances.scores.astype(np.float32),
+            boxes=instances.boxes.astype(np.int64),
+            masks=np.concatenate(flat) if flat else np.zeros(0, np.uint8),
+        )
+
+
+def read_instances(path: Path) -> SoftInstances:
+    """Soft instances from an out-of-fold ``.npz`` (masks as float32 in [0, 1])."""
+    try:
+        with np.load(Path(path)) as stored:
+            shape, scores = tuple(int(v) for v in stored["shape"]), stored["scores"]
+            boxes, flat = stored["boxes"], stored["masks"]
+    except (OSError, ValueError, KeyError) as error:
+        raise DataError(f"{path}: not an out-of-fold instances file ({error})") from error
+    sizes = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    if sizes.sum() != flat.size:
+        raise DataError(f"{path}: {flat.size} mask pixels for boxes holding {sizes.sum()}")
+    pieces = np.split(flat.astype(np.float32) / 255.0, np.cumsum(sizes)[:-1]) if len(sizes) else []
+    masks = tuple(p.reshape(b[2] - b[0], b[3] - b[1]) for p, b in zip(pieces, boxes, strict=True))
+    return SoftInstances(shape, scores, boxes, masks)
+
+
+def load_instances(fold_dir: Path) -> dict[str, SoftInstances]:
+    """The out-of-fold soft instances of one fold, by image id.
+
+    Raises:
+        DataError: If the fold has none (they are not committed; re-run the
+            fold's prediction to regenerate them).
+    """
+    folder = Path(fold_dir) / OOF_DIR / INSTANCES_DIR
+    paths = sorted(folder.glob("*.npz"))
+    if not paths:
+        raise DataError(f"{folder}: no instance files")
+    return {path.stem: read_instances(path) for path in paths}
 
 
 def read_label_png(path: Path) -> np.ndarray:

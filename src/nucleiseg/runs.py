@@ -22,7 +22,6 @@ import torch
 import yaml
 
 from nucleiseg.atomic import atomic_path
-from nucleiseg.postprocess import PostprocessParams
 
 CONFIG = "config.yaml"
 RUN_INFO = "run.yaml"
@@ -75,16 +74,3 @@ def read_run_info(fold_dir: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no run information; pass --data-dir explicitly")
     return yaml.safe_load(path.read_text())
-
-
-def load_postprocess(run_dir: str | Path) -> PostprocessParams:
-    """The run's tuned thresholds (``postprocess.yaml``), else those its first fold trained with."""
-    run_dir = Path(run_dir)
-    tuned = run_dir / POSTPROCESS_YAML
-    if tuned.is_file():
-        return PostprocessParams(**yaml.safe_load(tuned.read_text()))
-    for fold_dir in fold_dirs(run_dir).values():
-        if (fold_dir / CONFIG).is_file():
-            values = yaml.safe_load((fold_dir / CONFIG).read_text())
-            return PostprocessParams(**values["postprocess"])
-    raise FileNotFoundError(f"{run_dir}: neither {POSTPROCESS_YAML} nor a fold's {CONFIG}")

@@ -1,0 +1,119 @@
+"""Seconds per Mask R-CNN training step: backbones and head widths, float32 and bfloat16.
+
+    python benchmarks/bench_maskrcnn_step.py
+    python benchmarks/bench_maskrcnn_step.py --variants r18-lite r18-coco --steps 2
+
+One step = forward with the losses, backward and an AdamW update, on a batch
+of crops holding drawn nuclei (``--nuclei`` discs of 4 to 12 px radius per
+crop), as in training. The reference is the first variant in float32; every
+other measurement is printed as a ratio against it, from the same process.
+The last line gives the bfloat16 speed-up of the first variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+import warnings
+
+import numpy as np
+import torch
+from skimage.draw import disk
+
+from nucleiseg.config import load_config
+from nucleiseg.dataset import to_tensor
+from nucleiseg.family import get_family
+from nucleiseg.maskrcnn import detection_targets
+from nucleiseg.models import build_model
+
+# name -> (backbone, settings of MaskRCNNParams)
+VARIANTS = {
+    "r18-lite": ("resnet18", {}),
+    "r18-coco": (
+        "resnet18",
+        {
+            "fpn_channels": 256,
+            "box_head_dim": 1024,
+            "mask_head_channels": 256,
+            "box_batch_size_per_image": 512,
+        },
+    ),
+    "r34-lite": ("resnet34", {}),
+    "r50-lite": ("resnet50", {}),
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--nuclei", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=3)
+    return parser
+
+
+def _batch(batch: int, size: int, nuclei: int, family):
+    rng = np.random.default_rng(0)
+    items = []
+    for _ in range(batch):
+        labels = np.zeros((size, size), np.int32)
+        for label in range(1, nuclei + 1):
+            center = tuple(rng.integers(0, size, 2))
+            labels[disk(center, int(rng.integers(4, 13)), shape=labels.shape)] = label
+        image = np.dstack([np.where(labels > 0, 200, 20).astype(np.uint8)] * 3)
+        items.append((to_tensor(image), detection_targets(labels)))
+    return family.collate(items)
+
+
+def step_seconds(variant: str, bf16: bool, args: argparse.Namespace) -> float:
+    backbone, settings = VARIANTS[variant]
+    config = load_config(overrides={"model": "maskrcnn", "encoder": backbone, "amp": bf16})
+    config = dataclasses.replace(
+        config, maskrcnn=dataclasses.replace(config.maskrcnn, **settings)
+    )
+    family = get_family("maskrcnn")
+    torch.manual_seed(0)
+    model = build_model(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images, targets = _batch(args.batch, args.size, args.nuclei, family)
+    times = []
+    for _ in range(args.steps + 1):  # the first step warms up allocators and kernels
+        started = time.perf_counter()
+        loss = family.training_loss(model, images, targets, config)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    return min(times[1:])
+
+
+def main(args: argparse.Namespace) -> None:
+    warnings.filterwarnings("ignore", category=UserWarning)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} "
+        f"at {args.size}px, {args.nuclei} nuclei per crop"
+    )
+    print(f"{'variant':10s} {'params':>8s} {'fp32 s':>8s} {'bf16 s':>8s} {'fp32 vs ref':>12s}")
+    reference = None
+    speedups = []
+    for variant in args.variants:
+        backbone, settings = VARIANTS[variant]
+        config = load_config(overrides={"model": "maskrcnn", "encoder": backbone})
+        config = dataclasses.replace(
+            config, maskrcnn=dataclasses.replace(config.maskrcnn, **settings)
+        )
+        params = sum(p.numel() for p in build_model(config).parameters())
+        fp32 = step_seconds(variant, False, args)
+        bf16 = step_seconds(variant, True, args)
+        reference = reference or fp32
+        speedups.append(fp32 / bf16)
+        print(
+            f"{variant:10s} {params / 1e6:7.2f}M {fp32:8.2f} {bf16:8.2f} {fp32 / reference:11.2f}x"
+        )
+    print(f"bf16_speedup_{args.variants[0]}: {speedups[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,178 @@
+"""Segmenting images with the fold models of one or more runs, of one or both families.
+
+Within a family, models are combined in the form of its raw output: U-Net++
+probability maps (over folds and test-time views) are averaged before the
+watershed, so that the models' agreement decides every boundary; Mask R-CNN
+instances of the folds are merged by vote (found by enough folds, masks
+averaged). Across families, each family first makes its own instances: U-Net++
+nuclei scored by their mean body probability, Mask R-CNN nuclei by their
+detection score after its tuned thresholds. The two sets are then merged by
+the rule of :class:`nucleiseg.inference.InferenceOptions` (``nms``, ``vote``
+or ``agree``) and overlaps resolved, so each pixel belongs to one nucleus.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nucleiseg.data import read_image
+from nucleiseg.family import MaskRCNNFamily, Params, UnetPlusPlusFamily, get_family
+from nucleiseg.inference import FoldModel, InferenceOptions
+from nucleiseg.instances import (
+    InstanceParams,
+    Instances,
+    SoftInstances,
+    merge_views,
+    resolve_overlaps,
+    suppress_duplicates,
+)
+from nucleiseg.postprocess import BODY
+
+# Box IoU of the box stage of the cross-family NMS (the mask IoU decides).
+FAMILY_BOX_IOU = 0.7
+
+
+def combine(family_name: str, raws: Sequence, options: InferenceOptions) -> object:
+    """One raw output from those of several models of a family, for the same image.
+
+    Args:
+        family_name: The models' family.
+        raws: Their raw outputs: probability maps (U-Net++) or soft instances
+            (Mask R-CNN).
+        options: The vote settings for Mask R-CNN.
+
+    Returns:
+        The mean probability maps, or the instances found by at least
+        ``ceil(vote_fraction x models)`` models, merged.
+    """
+    family = get_family(family_name)
+    if isinstance(family, UnetPlusPlusFamily):
+        return np.mean(np.stack(raws), axis=0)
+    if isinstance(family, MaskRCNNFamily):
+        if len(raws) == 1:
+            return raws[0]
+        min_votes = max(1, math.ceil(options.vote_fraction * len(raws)))
+        return merge_views(raws, options.vote_iou, min_votes)
+    raise KeyError(f"no ensemble rule for family {family_name!r}")
+
+
+def scored_instances(labels: np.ndarray, body: np.ndarray) -> SoftInstances:
+    """U-Net++ nuclei as instances, each scored by its mean body probability."""
+    instances = Instances.from_labels(labels)
+    scores = [
+        float(body[y0:y1, x0:x1][mask].mean())
+        for (y0, x0, y1, x1), mask in zip(instances.boxes, instances.masks, strict=True)
+    ]
+    scored = Instances(instances.shape, np.asarray(scores, float), instances.boxes, instances.masks)
+    return SoftInstances.from_instances(scored)
+
+
+def confident_instances(raw: SoftInstances, params: InstanceParams) -> SoftInstances:
+    """Mask R-CNN instances above its score threshold, masks binarized at its mask threshold."""
+    binary = raw.subset(raw.scores > params.score_threshold).binarize(params.mask_threshold)
+    return SoftInstances.from_instances(binary)
+
+
+def merge_families(
+    sets: Sequence[SoftInstances], rule: str, iou: float, min_size: int
+) -> np.ndarray:
+    """Label image from the instance sets of several families.
+
+    Args:
+        sets: One set per family, binary masks (as 0/1 soft masks) with scores.
+        rule: ``nms``: pool, suppress the lower-scored of two instances whose
+            masks overlap by more than ``iou``; ``vote``: instances matched
+            across families (mask IoU above ``iou``) become one, masks averaged
+            and kept where at least half the families agree, unmatched ones
+            stay; ``agree``: as ``vote``, but only nuclei found by every family.
+        iou: Mask IoU above which two instances are the same nucleus.
+        min_size: Nuclei left with fewer pixels after overlaps are resolved are dropped.
+
+    Returns:
+        int32 label image, 0 = background.
+    """
+    if rule == "nms":
+        pooled = SoftInstances.concatenate(list(sets)).binarize(0.5)
+        return resolve_overlaps(suppress_duplicates(pooled, FAMILY_BOX_IOU, iou), min_size)
+    if rule in ("vote", "agree"):
+        min_votes = len(sets) if rule == "agree" else 1
+        merged = merge_views(list(sets), iou, min_votes)
+        # Averaged binary masks: a pixel is kept where at least half of the matched
+        # instances put it (a mean of exactly 0.5 is kept, so just below 0.5).
+        return resolve_overlaps(merged.binarize(0.5 - 1e-6), min_size)
+    raise ValueError(f"unknown family merge {rule!r}")
+
+
+def segment_image(
+    models: Sequence[FoldModel],
+    image: np.ndarray,
+    params: Mapping[str, Params],
+    device: torch.device,
+    options: InferenceOptions | None = None,
+) -> np.ndarray:
+    """Label image of one RGB image from fold models of one or both families.
+
+    Args:
+        models: Fold models (see :func:`nucleiseg.inference.load_fold_models`).
+        image: RGB uint8 (H, W, 3).
+        params: Family name -> its raw output -> instances thresholds.
+        device: Where the models run.
+        options: Test-time views, tiling and merge rules.
+
+    Returns:
+        int32 label image, 0 = background.
+    """
+    options = options or InferenceOptions()
+    families = sorted({m.config.model for m in models})
+    missing = [name for name in families if name not in params]
+    if missing:
+        raise KeyError(f"no thresholds for family {', '.join(missing)}")
+    raws = {}
+    for name in families:
+        family = get_family(name)
+        members = [m for m in models if m.config.model == name]
+        outputs = [family.predict(m.model, image, m.config, device, options) for m in members]
+        raws[name] = combine(name, outputs, options)
+    if len(families) == 1:
+        return get_family(families[0]).to_labels(raws[families[0]], params[families[0]])
+    sets = []
+    for name in families:
+        family = get_family(name)
+        if isinstance(family, UnetPlusPlusFamily):
+            labels = family.to_labels(raws[name], params[name])
+            sets.append(scored_instances(labels, raws[name][BODY]))
+        else:
+            sets.append(confident_instances(raws[name], params[name]))
+    min_size = min(p.min_size for p in params.values())
+    return merge_families(sets, options.family_merge, options.family_iou, min_size)
+
+
+def segment_images(
+    models: Sequence[FoldModel],
+    images: Mapping[str, Path],
+    params: Mapping[str, Params],
+    device: torch.device,
+    options: InferenceOptions | None = None,
+) -> dict[str, np.ndarray]:
+    """Label images of image files (see :func:`segment_image`), with a progress bar.
+
+    Args:
+        models: Fold models.
+        images: Image id -> image file (see :func:`nucleiseg.data.find_images`).
+        params: Family name -> thresholds.
+        device: Where the models run.
+        options: Test-time views, tiling and merge rules.
+
+    Returns:
+        Image id -> int32 label image.
+    """
+    return {
+        image_id: segment_image(models, read_image(path), params, device, options)
+        for image_id, path in tqdm(images.items(), desc="predict", unit="image")
+    }

@@ -1,0 +1,250 @@
+"""Model families behind one interface, so that one engine trains, validates and
+predicts them all.
+
+A family differs from another only in its builder (``nucleiseg.models``), its
+training targets (with how a batch of them is collated and turned into a
+loss), and its raw output -> instances step. Everything else, the folds, the
+crops and their augmentation, the optimiser, checkpoints, the epoch CSV,
+resuming, out-of-fold predictions and their scoring, is shared.
+
+- U-Net++: targets are body, border and separation maps; the raw output of
+  an image is its probability maps (3, H, W); instances come from a seeded
+  watershed (:mod:`nucleiseg.postprocess`).
+- Mask R-CNN: targets are a box and a mask per nucleus; the raw output is
+  scored soft instances; instances come from thresholds, non-maximum
+  suppression and overlap resolution (:mod:`nucleiseg.instances`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import default_collate
+
+from nucleiseg import oof
+from nucleiseg.config import TrainConfig, load_config
+from nucleiseg.data import Sample
+from nucleiseg.dataset import to_tensor
+from nucleiseg.detection import detect
+from nucleiseg.inference import InferenceOptions, autocast, predict_logits, predict_probabilities
+from nucleiseg.instances import InstanceParams, SoftInstances, instances_to_labels
+from nucleiseg.losses import get_loss
+from nucleiseg.maskrcnn import detection_targets, rescale_sample
+from nucleiseg.postprocess import PostprocessParams, instances_from_probabilities
+from nucleiseg.runs import CONFIG, POSTPROCESS_YAML, fold_dirs
+from nucleiseg.targets import make_targets
+
+Params = PostprocessParams | InstanceParams
+
+
+class Family(ABC):
+    """What the engine needs to know about a model family."""
+
+    name: ClassVar[str]
+    params_type: ClassVar[type]
+
+    def prepare(self, sample: Sample, config: TrainConfig) -> Sample:
+        """A training image as the family trains on it (by default unchanged)."""
+        return sample
+
+    @abstractmethod
+    def target_fn(self, config: TrainConfig) -> Callable[[np.ndarray], Any]:
+        """Augmented label crop -> training targets of one item."""
+
+    def collate(self, batch: Sequence[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, Any]:
+        """Items -> (images (N, 3, H, W), targets of the batch)."""
+        return default_collate(batch)
+
+    @abstractmethod
+    def training_loss(
+        self, model: nn.Module, images: torch.Tensor, targets: Any, config: TrainConfig
+    ) -> torch.Tensor:
+        """The loss of a batch, already on the model's device; the model is in training mode."""
+
+    @abstractmethod
+    def evaluate(
+        self, model: nn.Module, sample: Sample, config: TrainConfig, device: torch.device
+    ) -> tuple[float, Any]:
+        """Loss and raw output of the model on one whole labelled image."""
+
+    @abstractmethod
+    def predict(
+        self,
+        model: nn.Module,
+        image: np.ndarray,
+        config: TrainConfig,
+        device: torch.device,
+        options: InferenceOptions | None = None,
+    ) -> Any:
+        """Raw output of the model for one whole RGB image, over the test-time views of
+        ``options`` (None: one whole-image pass); the model is put in eval mode."""
+
+    @abstractmethod
+    def to_labels(self, raw: Any, params: Params) -> np.ndarray:
+        """Raw output -> int32 label image, 0 = background."""
+
+    @abstractmethod
+    def params(self, config: TrainConfig) -> Params:
+        """The raw output -> instances thresholds of a configuration."""
+
+    @abstractmethod
+    def save_oof(self, fold_dir: Path, image_id: str, raw: Any, labels: np.ndarray) -> None:
+        """Write one image's out-of-fold raw output and label image."""
+
+    @abstractmethod
+    def load_oof(self, fold_dir: Path) -> dict[str, Any]:
+        """The saved out-of-fold raw outputs of one fold, by image id."""
+
+
+class UnetPlusPlusFamily(Family):
+    """U-Net++ with body, border and separation maps and a seeded watershed."""
+
+    name = "unetpp"
+    params_type = PostprocessParams
+
+    def target_fn(self, config: TrainConfig) -> Callable[[np.ndarray], torch.Tensor]:
+        return functools.partial(_semantic_targets, params=config.targets)
+
+    def training_loss(self, model, images, targets, config):
+        with autocast(images.device, config.amp):
+            logits = model(images)
+        return get_loss(config.loss)(logits, targets)
+
+    def evaluate(self, model, sample, config, device):
+        model.eval()
+        logits = predict_logits(model, sample.image, device, config.amp)
+        targets = _semantic_targets(sample.labels, config.targets)
+        loss = get_loss(config.loss)(logits[None], targets[None]).item()
+        return loss, torch.sigmoid(logits).numpy()
+
+    def predict(self, model, image, config, device, options=None):
+        model.eval()
+        return predict_probabilities(model, image, device, config.amp, options)
+
+    def to_labels(self, raw, params):
+        return instances_from_probabilities(raw, params)
+
+    def params(self, config):
+        return config.postprocess
+
+    def save_oof(self, fold_dir, image_id, raw, labels):
+        oof.save_prediction(fold_dir, image_id, raw, labels)
+
+    def load_oof(self, fold_dir):
+        return oof.load_probabilities(fold_dir)
+
+
+def _semantic_targets(labels: np.ndarray, params) -> torch.Tensor:
+    return torch.from_numpy(make_targets(labels, params).astype(np.float32))
+
+
+class MaskRCNNFamily(Family):
+    """torchvision's Mask R-CNN with a ResNet-FPN backbone, set up for nuclei."""
+
+    name = "maskrcnn"
+    params_type = InstanceParams
+
+    def prepare(self, sample, config):
+        return rescale_sample(sample, config.maskrcnn)
+
+    def target_fn(self, config):
+        return detection_targets
+
+    def collate(self, batch):
+        images, targets = zip(*batch, strict=True)
+        return torch.stack(images), list(targets)
+
+    def training_loss(self, model, images, targets, config):
+        device = images.device
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        with autocast(device, config.amp):
+            losses = model(list(images), targets)
+        return sum(loss.float() for loss in losses.values())
+
+    @torch.no_grad()
+    def evaluate(self, model, sample, config, device):
+        scaled = rescale_sample(sample, config.maskrcnn)
+        image = to_tensor(scaled.image).to(device)
+        targets = {k: v.to(device) for k, v in detection_targets(scaled.labels).items()}
+        # The losses exist only in training mode; batch norm stays in eval mode so
+        # that validation does not move its running statistics.
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        with autocast(device, config.amp):
+            losses = model([image], [targets])
+        model.eval()
+        loss = float(sum(v.float() for v in losses.values()))
+        return loss, self.predict(model, sample.image, config, device)
+
+    def predict(self, model, image, config, device, options=None):
+        return detect(model, image, config.maskrcnn, device, config.amp, options)
+
+    def to_labels(self, raw: SoftInstances, params: InstanceParams) -> np.ndarray:
+        return instances_to_labels(raw, params)
+
+    def params(self, config):
+        return config.instances
+
+    def save_oof(self, fold_dir, image_id, raw, labels):
+        oof.save_prediction(fold_dir, image_id, None, labels)
+        oof.save_instances(fold_dir, image_id, raw)
+
+    def load_oof(self, fold_dir):
+        return oof.load_instances(fold_dir)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (UnetPlusPlusFamily(), MaskRCNNFamily())}
+
+
+def get_family(name: str) -> Family:
+    """The family called ``name``.
+
+    Raises:
+        KeyError: For an unknown family, listing the known ones.
+    """
+    if name not in FAMILIES:
+        raise KeyError(f"unknown model {name!r}; choose from {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def run_config(run_dir: str | Path) -> TrainConfig:
+    """The configuration of a run's first fold that has one.
+
+    Raises:
+        FileNotFoundError: If no fold folder holds a ``config.yaml``.
+    """
+    for fold_dir in fold_dirs(run_dir).values():
+        if (fold_dir / CONFIG).is_file():
+            return load_config(fold_dir / CONFIG)
+    raise FileNotFoundError(f"{run_dir}: no fold<K>/{CONFIG}")
+
+
+def load_params(run_dir: str | Path) -> Params:
+    """The run's tuned thresholds (``postprocess.yaml``), else those its folds trained with.
+
+    The thresholds are those of the run's family: watershed thresholds for
+    U-Net++, instance thresholds for Mask R-CNN.
+    """
+    run_dir = Path(run_dir)
+    config = run_config(run_dir)
+    family = get_family(config.model)
+    tuned = run_dir / POSTPROCESS_YAML
+    if tuned.is_file():
+        values = yaml.safe_load(tuned.read_text()) or {}
+        known = {f.name for f in dataclasses.fields(family.params_type)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{tuned}: not {family.name} settings: {', '.join(unknown)}")
+        return family.params_type(**values)
+    return family.params(config)
