@@ -110,6 +110,48 @@ def test_predict_writes_a_valid_submission_and_label_pngs(trained_run, tmp_path)
 
 
 @pytest.mark.slow
+def test_predict_with_views_and_tiles_writes_overlays(trained_run, tmp_path, capsys):
+    run_dir, data_dir, _ = trained_run
+    out = tmp_path / "sub.csv"
+    labels = run_script(
+        "predict",
+        ["--runs", run_dir, "--images", data_dir / data.TEST_STAGE, "--out", out]
+        + ["--tta", "flip", "--scales", "1.0,1.5", "--tile", "32", "--overlap", "8"]
+        + ["--save-overlays", tmp_path / "overlays", "--device", "cpu"],
+    )
+    assert len(labels) == N_IMAGES
+    summary = capsys.readouterr().out.strip().splitlines()
+    assert summary[-2].startswith(f"{N_IMAGES} images (64x64), ") and "s per image" in summary[-2]
+    overlay = data.read_image(tmp_path / "overlays" / "test0.png")
+    image = data.read_image(data_dir / data.TEST_STAGE / "test0" / "images" / "test0.png")
+    assert overlay.shape == image.shape
+    outline = np.all(overlay == (255, 255, 0), axis=-1)
+    # Outlines are drawn inside the nuclei found, and only there.
+    assert outline.any() == labels["test0"].any()
+    assert not outline[labels["test0"] == 0].any()
+
+
+@pytest.mark.slow
+def test_predict_oof_reproduces_the_training_oof_score(trained_run, tmp_path, capsys):
+    run_dir, _, folds_csv = trained_run
+    trained_cv = run_script("evaluate_oof", [run_dir, "--folds-csv", folds_csv])
+    out_dir = tmp_path / "oof_run"
+    cv = run_script(
+        "predict",
+        ["--oof", "--runs", run_dir, "--out-dir", out_dir, "--folds-csv", folds_csv]
+        + ["--device", "cpu"],
+    )
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"cv: {cv:.4f}"
+    # The same models, thresholds and whole-image pass as the training's OOF step.
+    assert cv == pytest.approx(trained_cv, abs=1e-12)
+    for image_id, (fold, labels) in oof.load_oof_labels(run_dir).items():
+        again_fold, again = oof.load_oof_labels(out_dir)[image_id]
+        assert again_fold == fold
+        np.testing.assert_array_equal(again, labels)
+    assert run_script("evaluate_oof", [out_dir, "--folds-csv", folds_csv]) == cv
+
+
+@pytest.mark.slow
 def test_tune_postprocess_writes_thresholds_no_worse_than_the_start(trained_run):
     run_dir, _, _ = trained_run
     run_script("tune_postprocess", [run_dir, "--apply"])

@@ -34,7 +34,7 @@ from nucleiseg.dataset import NucleiDataset, load_samples, sample_weights
 from nucleiseg.family import Family, get_family
 from nucleiseg.folds import fold_assignment, parse_fold_list
 from nucleiseg.metric import average_precision
-from nucleiseg.models import build_model
+from nucleiseg.models import build_model, load_weights
 from nucleiseg.runs import BEST, CONFIG, EPOCHS_CSV, LAST, WEIGHTS, write_run_info
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,10 @@ def train_fold(
 
     save_compact_weights(trainer.model, out_dir / WEIGHTS)
     # Out-of-fold predictions come from the last epoch, not the best one: picking
-    # the epoch by its validation score would tune on the held-out images.
+    # the epoch by its validation score would tune on the held-out images. They are
+    # made with the weights as kept (rounded to float16), so that the committed
+    # weights reproduce them exactly (scripts/predict.py --oof).
+    load_weights(trainer.model, out_dir / WEIGHTS)
     params = family.params(config)
     for sample in tqdm(val_samples, desc="out-of-fold", unit="image"):
         raw = trainer.predict(sample)

@@ -121,7 +121,10 @@ def predict_dense_tiled(
         float32 (C, H, W).
     """
     _, height, width = image.shape
-    padded = torch.from_numpy(pad_to_stride(image.permute(1, 2, 0).numpy())).permute(2, 0, 1)
+    padded = pad_to_stride(image.permute(1, 2, 0).numpy()).transpose(2, 0, 1)
+    # Contiguous, as a whole-image pass feeds it: convolutions may pick other kernels,
+    # and round differently, for strided inputs.
+    padded = torch.from_numpy(np.ascontiguousarray(padded))
     padded_shape = tuple(padded.shape[1:])
     if tile is None or (padded_shape[0] <= tile and padded_shape[1] <= tile):
         return fn(padded[None])[0, :, :height, :width].float().cpu().numpy()
