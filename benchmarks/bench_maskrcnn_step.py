@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from skimage.draw import disk
 
-from nucleiseg.config import load_config
+from nucleiseg.config import TrainConfig, load_config
 from nucleiseg.dataset import to_tensor
 from nucleiseg.family import get_family
 from nucleiseg.maskrcnn import detection_targets
@@ -67,12 +67,14 @@ def _batch(batch: int, size: int, nuclei: int, family):
     return family.collate(items)
 
 
-def step_seconds(variant: str, bf16: bool, args: argparse.Namespace) -> float:
+def _config(variant: str, bf16: bool) -> TrainConfig:
     backbone, settings = VARIANTS[variant]
     config = load_config(overrides={"model": "maskrcnn", "encoder": backbone, "amp": bf16})
-    config = dataclasses.replace(
-        config, maskrcnn=dataclasses.replace(config.maskrcnn, **settings)
-    )
+    return dataclasses.replace(config, maskrcnn=dataclasses.replace(config.maskrcnn, **settings))
+
+
+def step_seconds(variant: str, bf16: bool, args: argparse.Namespace) -> float:
+    config = _config(variant, bf16)
     family = get_family("maskrcnn")
     torch.manual_seed(0)
     model = build_model(config).train()
@@ -99,12 +101,7 @@ def main(args: argparse.Namespace) -> None:
     reference = None
     speedups = []
     for variant in args.variants:
-        backbone, settings = VARIANTS[variant]
-        config = load_config(overrides={"model": "maskrcnn", "encoder": backbone})
-        config = dataclasses.replace(
-            config, maskrcnn=dataclasses.replace(config.maskrcnn, **settings)
-        )
-        params = sum(p.numel() for p in build_model(config).parameters())
+        params = sum(p.numel() for p in build_model(_config(variant, False)).parameters())
         fp32 = step_seconds(variant, False, args)
         bf16 = step_seconds(variant, True, args)
         reference = reference or fp32
