@@ -10,12 +10,18 @@ from helpers import TINY_MASKRCNN, run_script, write_labelled
 from skimage.draw import disk
 
 from nucleiseg import data, oof, runs
-from nucleiseg.family import load_params
+from nucleiseg.family import load_params, run_config
 from nucleiseg.postprocess import PostprocessParams
 from nucleiseg.targets import make_targets
 from nucleiseg.tuning import coordinate_search, mean_score
 
 N_IMAGES = 6
+
+
+def runs_family(run_dir):
+    return run_config(run_dir).model
+
+
 MASKRCNN = {"model": "maskrcnn", "maskrcnn": TINY_MASKRCNN}
 
 
@@ -116,7 +122,7 @@ def test_predict_with_views_and_tiles_writes_overlays(trained_run, tmp_path, cap
     labels = run_script(
         "predict",
         ["--runs", run_dir, "--images", data_dir / data.TEST_STAGE, "--out", out]
-        + ["--tta", "flip", "--scales", "1.0,1.5", "--tile", "32", "--overlap", "8"]
+        + ["--tta", "flip", "--scales", "1.0,1.25", "--tile", "64", "--overlap", "16"]
         + ["--save-overlays", tmp_path / "overlays", "--device", "cpu"],
     )
     assert len(labels) == N_IMAGES
@@ -149,6 +155,49 @@ def test_predict_oof_reproduces_the_training_oof_score(trained_run, tmp_path, ca
         assert again_fold == fold
         np.testing.assert_array_equal(again, labels)
     assert run_script("evaluate_oof", [out_dir, "--folds-csv", folds_csv]) == cv
+
+
+@pytest.mark.slow
+def test_ablation_leaderboard_scores_variants_from_cached_outputs(trained_run, tmp_path, capsys):
+    run_dir, data_dir, folds_csv = trained_run
+    family_key = "postprocess" if runs_family(run_dir) == "unetpp" else "instances"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": str(data_dir),
+                "folds_csv": str(folds_csv),
+                "defaults": {"runs": [str(run_dir)]},
+                "variants": [
+                    {"name": "plain"},
+                    {"name": "flip", "tta": "flip"},
+                    {"name": "drop all", family_key: {"min_size": 100000}},
+                ],
+            }
+        )
+    )
+    argv = ["--config", config, "--out-dir", tmp_path / "results", "--workers", 2]
+    results = run_script("ablate", argv + ["--device", "cpu"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("best: ")
+    trained_cv = run_script("evaluate_oof", [run_dir, "--folds-csv", folds_csv])
+    plain, flip, dropped = (
+        results.set_index("variant").loc[n] for n in ("plain", "flip", "drop all")
+    )
+    # The plain view reproduces the training's OOF labels; dropping every nucleus scores 0.
+    assert plain["cv"] == pytest.approx(trained_cv, abs=1e-12) and plain["delta"] == 0
+    assert plain["images"] == flip["images"] == N_IMAGES
+    assert dropped["cv"] == 0 and dropped["delta"] == pytest.approx(-plain["cv"])
+    assert (results["seconds_per_image"] > 0).all()
+    saved = pd.read_csv(tmp_path / "results" / "tiny.csv")
+    assert saved["variant"].tolist() == ["plain", "flip", "drop all"]
+    assert "| plain | 6 |" in (tmp_path / "results" / "tiny.md").read_text()
+    # A second run takes the model outputs from the cache instead of predicting again.
+    timings = sorted((run_dir / "cache").glob("*/fold*/timing.json"))
+    assert len(timings) == 4  # two views x two folds
+    stamps = [t.stat().st_mtime_ns for t in timings]
+    again = run_script("ablate", argv + ["--device", "cpu"])
+    assert [t.stat().st_mtime_ns for t in timings] == stamps
+    pd.testing.assert_series_equal(again["cv"], results["cv"])
 
 
 @pytest.mark.slow

@@ -109,6 +109,43 @@ def merge_families(
     raise ValueError(f"unknown family merge {rule!r}")
 
 
+def labels_from_raws(
+    raws: Mapping[str, Sequence],
+    params: Mapping[str, Params],
+    options: InferenceOptions | None = None,
+) -> np.ndarray:
+    """Label image from the raw outputs of several models of one or both families.
+
+    Args:
+        raws: Family name -> the raw outputs of its models for one image.
+        params: Family name -> its raw output -> instances thresholds.
+        options: The vote and family merge settings.
+
+    Returns:
+        int32 label image, 0 = background.
+    """
+    options = options or InferenceOptions()
+    families = sorted(name for name, outputs in raws.items() if outputs)
+    if not families:
+        raise ValueError("no raw outputs to combine")
+    missing = [name for name in families if name not in params]
+    if missing:
+        raise KeyError(f"no thresholds for family {', '.join(missing)}")
+    combined = {name: combine(name, raws[name], options) for name in families}
+    if len(families) == 1:
+        return get_family(families[0]).to_labels(combined[families[0]], params[families[0]])
+    sets = []
+    for name in families:
+        family = get_family(name)
+        if isinstance(family, UnetPlusPlusFamily):
+            labels = family.to_labels(combined[name], params[name])
+            sets.append(scored_instances(labels, combined[name][BODY]))
+        else:
+            sets.append(confident_instances(combined[name], params[name]))
+    min_size = min(params[name].min_size for name in families)
+    return merge_families(sets, options.family_merge, options.family_iou, min_size)
+
+
 def segment_image(
     models: Sequence[FoldModel],
     image: np.ndarray,
@@ -128,29 +165,12 @@ def segment_image(
     Returns:
         int32 label image, 0 = background.
     """
-    options = options or InferenceOptions()
-    families = sorted({m.config.model for m in models})
-    missing = [name for name in families if name not in params]
-    if missing:
-        raise KeyError(f"no thresholds for family {', '.join(missing)}")
-    raws = {}
-    for name in families:
-        family = get_family(name)
-        members = [m for m in models if m.config.model == name]
-        outputs = [family.predict(m.model, image, m.config, device, options) for m in members]
-        raws[name] = combine(name, outputs, options)
-    if len(families) == 1:
-        return get_family(families[0]).to_labels(raws[families[0]], params[families[0]])
-    sets = []
-    for name in families:
-        family = get_family(name)
-        if isinstance(family, UnetPlusPlusFamily):
-            labels = family.to_labels(raws[name], params[name])
-            sets.append(scored_instances(labels, raws[name][BODY]))
-        else:
-            sets.append(confident_instances(raws[name], params[name]))
-    min_size = min(p.min_size for p in params.values())
-    return merge_families(sets, options.family_merge, options.family_iou, min_size)
+    raws: dict[str, list] = {}
+    for member in models:
+        family = get_family(member.config.model)
+        raw = family.predict(member.model, image, member.config, device, options)
+        raws.setdefault(family.name, []).append(raw)
+    return labels_from_raws(raws, params, options)
 
 
 def segment_images(

@@ -1,0 +1,55 @@
+"""Score inference-time variants out of fold and write a leaderboard.
+
+    python scripts/ablate.py --config ablations/unetpp_postprocess.yaml
+    python scripts/ablate.py --config ablations/tta.yaml --workers 2 --device auto
+
+Reads the variants of ``--config`` (see ``nucleiseg.ablation.load_ablation``),
+computes (or takes from the runs' caches) the out-of-fold model outputs each
+needs, scores every variant on the same images, and writes
+``<out-dir>/<name>.csv`` and ``<out-dir>/<name>.md``: one row per variant with
+the CV overall and per modality, the delta against the baseline row and the
+seconds per image. The last line is ``best: <variant> <cv>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from nucleiseg.ablation import leaderboard_markdown, load_ablation, run_ablation
+from nucleiseg.atomic import atomic_path
+from nucleiseg.inference import resolve_device
+
+log = logging.getLogger("ablate")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="ablation YAML file")
+    parser.add_argument("--out-dir", type=Path, default=Path("ablations/results"))
+    parser.add_argument("--workers", type=int, default=2, help="processes for the instance step")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return parser
+
+
+def main(args: argparse.Namespace):
+    ablation = load_ablation(args.config)
+    results = run_ablation(ablation, resolve_device(args.device), args.workers)
+    command = "python scripts/ablate.py --config " + shlex.quote(str(args.config))
+    markdown = leaderboard_markdown(results, f"Ablation: {ablation.name}", command)
+    with atomic_path(args.out_dir / f"{ablation.name}.csv") as tmp:
+        results.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(args.out_dir / f"{ablation.name}.md") as tmp:
+        tmp.write_text(markdown)
+    sys.stdout.write(markdown)
+    best = results.loc[results["cv"].idxmax()]
+    print(f"best: {best['variant']} {best['cv']:.4f}")
+    return results
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main(get_args_parser().parse_args())

@@ -1,0 +1,332 @@
+"""Leaderboard-style ablations of inference-time choices, scored out of fold.
+
+An ablation file (YAML) lists variants: which runs take part, the test-time
+views and tiling, the merge rules and any threshold overrides. Every variant is
+scored on the out-of-fold images of its runs (each image by the models of its
+own fold), so no variant sees an image its models trained on.
+
+Model outputs are the expensive part. A run's raw outputs for a set of views
+(probability maps for U-Net++, soft instances for Mask R-CNN) are computed once,
+with the seconds they took, and cached under ``<run>/cache/<views>/fold<K>/``
+in the run's own OOF layout; variants that only change thresholds or merge
+rules reuse them. The instance step and scoring then run in parallel over images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from tqdm import tqdm
+
+from nucleiseg import data, oof
+from nucleiseg.atomic import atomic_path
+from nucleiseg.ensemble import labels_from_raws
+from nucleiseg.family import Params, get_family, load_params, run_config
+from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
+from nucleiseg.inference import InferenceOptions, load_fold_models
+from nucleiseg.metric import average_precision
+from nucleiseg.modality import MODALITIES
+from nucleiseg.runs import read_run_info
+
+CACHE_DIR = "cache"
+TIMING = "timing.json"
+_OPTION_KEYS = {f.name for f in dataclasses.fields(InferenceOptions)}
+_VARIANT_KEYS = {"name", "runs", "postprocess", "instances", "command"} | _OPTION_KEYS
+_FILE_KEYS = {"name", "data_dir", "folds_csv", "baseline", "defaults", "variants"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a leaderboard.
+
+    Attributes:
+        name: Row name.
+        runs: Run folders whose models take part.
+        options: Views, tiling and merge rules.
+        overrides: Family name -> thresholds replacing the run's tuned ones.
+        command: How the row's runs were made, when it is worth saying (e.g.
+            the training command of a training-time ablation).
+    """
+
+    name: str
+    runs: tuple[Path, ...]
+    options: InferenceOptions = InferenceOptions()
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    command: str = ""
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """An ablation file, resolved."""
+
+    name: str
+    data_dir: Path
+    folds_csv: Path
+    baseline: str
+    variants: tuple[Variant, ...]
+
+
+def _variant(values: Mapping[str, Any], where: str) -> Variant:
+    unknown = sorted(set(values) - _VARIANT_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    if "name" not in values or not values.get("runs"):
+        raise ValueError(f"{where}: a variant needs a name and runs")
+    option_values = {k: v for k, v in values.items() if k in _OPTION_KEYS}
+    if "scales" in option_values:
+        option_values["scales"] = tuple(float(s) for s in option_values["scales"])
+    overrides = {
+        family: dict(values[key])
+        for family, key in (("unetpp", "postprocess"), ("maskrcnn", "instances"))
+        if values.get(key)
+    }
+    runs = values["runs"]
+    return Variant(
+        name=str(values["name"]),
+        runs=tuple(Path(r) for r in ([runs] if isinstance(runs, str) else runs)),
+        options=InferenceOptions(**option_values),
+        overrides=overrides,
+        command=str(values.get("command", "")),
+    )
+
+
+def load_ablation(path: str | Path) -> Ablation:
+    """Read an ablation file.
+
+    The file holds ``variants`` (a list of mappings with ``name``, ``runs`` and
+    any of the :class:`nucleiseg.inference.InferenceOptions` fields, plus
+    ``postprocess`` / ``instances`` threshold overrides), ``defaults`` merged
+    into every variant, ``data_dir``, ``folds_csv``, and ``baseline`` (the
+    variant the deltas are taken against; the first one by default).
+
+    Raises:
+        ValueError: On an unknown key, naming it and where it is.
+    """
+    path = Path(path)
+    values = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(values) - _FILE_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}")
+    defaults = values.get("defaults") or {}
+    variants = tuple(
+        _variant({**defaults, **v}, f"{path}: variant {i + 1}")
+        for i, v in enumerate(values.get("variants") or [])
+    )
+    if not variants:
+        raise ValueError(f"{path}: no variants")
+    names = [v.name for v in variants]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{path}: variant names used twice: {', '.join(duplicates)}")
+    baseline = str(values.get("baseline", names[0]))
+    if baseline not in names:
+        raise ValueError(f"{path}: baseline {baseline!r} is not a variant")
+    return Ablation(
+        name=str(values.get("name", path.stem)),
+        data_dir=Path(values["data_dir"]) if "data_dir" in values else _run_data_dir(variants),
+        folds_csv=Path(values.get("folds_csv", DEFAULT_FOLDS_PATH)),
+        baseline=baseline,
+        variants=variants,
+    )
+
+
+def _run_data_dir(variants: Sequence[Variant]) -> Path:
+    first = next(iter(oof.oof_fold_dirs(variants[0].runs[0]).values()))
+    return Path(read_run_info(first)["data_dir"])
+
+
+def views_key(options: InferenceOptions) -> str:
+    """Cache folder name of the options that change a model's raw output."""
+    scales = "-".join(f"{s:g}" for s in options.scales)
+    tile = f"tile{options.tile}-{options.overlap}" if options.tile else "whole"
+    vote = f"vote{options.vote_fraction:g}-{options.vote_iou:g}"
+    return f"{options.tta}_x{scales}_{tile}_{vote}"
+
+
+def run_raws(
+    run_dir: Path, options: InferenceOptions, data_dir: Path, device: torch.device
+) -> tuple[dict[str, Any], float]:
+    """A run's out-of-fold raw outputs under some views, from the cache or computed now.
+
+    Each fold's models predict the images that fold held out (its
+    ``oof/labels``); a fold's cache is complete once its ``timing.json`` exists.
+
+    Returns:
+        Image id -> raw output, and the model seconds per image.
+    """
+    run_dir = Path(run_dir)
+    family = get_family(run_config(run_dir).model)
+    images = data.find_images(Path(data_dir) / data.TRAIN_STAGE)
+    raws: dict[str, Any] = {}
+    seconds = count = 0.0
+    for fold, fold_dir in oof.oof_fold_dirs(run_dir).items():
+        cache = run_dir / CACHE_DIR / views_key(options) / f"fold{fold}"
+        if not (cache / TIMING).is_file():
+            _predict_fold(run_dir, fold, fold_dir, cache, images, options, device)
+        timing = json.loads((cache / TIMING).read_text())
+        raws.update(family.load_oof(cache))
+        seconds += timing["seconds"]
+        count += timing["images"]
+    return raws, seconds / max(count, 1)
+
+
+def _predict_fold(run_dir, fold, fold_dir, cache, images, options, device) -> None:
+    (member,) = load_fold_models(Path(run_dir) / f"fold{fold}", device)
+    family = get_family(member.config.model)
+    params = family.params(member.config)
+    ids = sorted(p.stem for p in (fold_dir / oof.OOF_DIR / oof.LABELS_DIR).glob("*.png"))
+    seconds = 0.0
+    for image_id in tqdm(ids, desc=f"{Path(run_dir).name} fold {fold}", unit="image"):
+        image = data.read_image(images[image_id])
+        started = time.perf_counter()
+        raw = family.predict(member.model, image, member.config, device, options)
+        seconds += time.perf_counter() - started
+        family.save_oof(cache, image_id, raw, family.to_labels(raw, params))
+    info = {"images": len(ids), "seconds": seconds, "device": str(device)}
+    with atomic_path(cache / TIMING) as tmp:
+        tmp.write_text(json.dumps(info))
+
+
+def variant_params(variant: Variant) -> dict[str, Params]:
+    """Thresholds per family: the first run's tuned ones, with the variant's overrides."""
+    params: dict[str, Params] = {}
+    for run in variant.runs:
+        name = run_config(run).model
+        if name not in params:
+            params[name] = dataclasses.replace(load_params(run), **variant.overrides.get(name, {}))
+    unused = sorted(set(variant.overrides) - set(params))
+    if unused:
+        raise ValueError(f"{variant.name}: overrides for {', '.join(unused)}, which has no run")
+    return params
+
+
+# Filled before the worker pool forks, so that workers read the raw outputs
+# without pickling them.
+_JOBS: dict[str, Any] = {}
+
+
+def _score_image(image_id: str) -> tuple[str, float, float]:
+    raws = {
+        family: [outputs[image_id] for outputs in per_run]
+        for family, per_run in _JOBS["raws"].items()
+    }
+    started = time.perf_counter()
+    labels = labels_from_raws(raws, _JOBS["params"], _JOBS["options"])
+    seconds = time.perf_counter() - started
+    return image_id, average_precision(_JOBS["truth"][image_id], labels).score, seconds
+
+
+def score_variant(
+    variant: Variant,
+    raws_by_run: Mapping[Path, Mapping[str, Any]],
+    truth: Mapping[str, np.ndarray],
+    workers: int = 2,
+) -> tuple[pd.DataFrame, float]:
+    """Mean AP per image of a variant, on the images every one of its runs predicted.
+
+    Returns:
+        Frame with image_id and score, and the instance step's seconds per
+        image (one worker).
+    """
+    per_family: dict[str, list] = {}
+    for run in variant.runs:
+        per_family.setdefault(run_config(run).model, []).append(raws_by_run[run])
+    ids = sorted(set.intersection(*(set(raws_by_run[run]) for run in variant.runs)))
+    _JOBS.update(
+        raws=per_family, params=variant_params(variant), options=variant.options, truth=truth
+    )
+    try:
+        if workers > 1:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                rows = list(
+                    tqdm(
+                        pool.imap(_score_image, ids, chunksize=4), total=len(ids), desc=variant.name
+                    )
+                )
+        else:
+            rows = [_score_image(i) for i in tqdm(ids, desc=variant.name)]
+    finally:
+        _JOBS.clear()
+    frame = pd.DataFrame(rows, columns=["image_id", "score", "seconds"])
+    return frame[["image_id", "score"]], float(frame["seconds"].mean())
+
+
+def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> pd.DataFrame:
+    """Score every variant; one row each, in file order.
+
+    Columns: variant, images, cv, one per modality, delta (cv minus the
+    baseline's), seconds_per_image (model views + instance step, one image at
+    a time on this machine), command.
+    """
+    raws: dict[tuple[Path, str], dict] = {}
+    model_seconds: dict[tuple[Path, str], float] = {}
+    for variant in ablation.variants:
+        for run in variant.runs:
+            key = (run, views_key(variant.options))
+            if key not in raws:
+                raws[key], model_seconds[key] = run_raws(
+                    run, variant.options, ablation.data_dir, device
+                )
+    ids = sorted(set().union(*(set(r) for r in raws.values())))
+    images = data.find_images(ablation.data_dir / data.TRAIN_STAGE)
+    truth = {i: data.labels_of(images[i]) for i in tqdm(ids, desc="truth", unit="image")}
+    modality = fold_assignment(ablation.folds_csv, ids).set_index("image_id")["modality"]
+
+    rows = []
+    for variant in ablation.variants:
+        key = views_key(variant.options)
+        per_run = {run: raws[(run, key)] for run in variant.runs}
+        scores, instance_seconds = score_variant(variant, per_run, truth, workers)
+        scores["modality"] = scores["image_id"].map(modality)
+        row = {"variant": variant.name, "images": len(scores), "cv": scores["score"].mean()}
+        for name in MODALITIES:
+            row[name] = scores.loc[scores["modality"] == name, "score"].mean()
+        row["seconds_per_image"] = (
+            sum(model_seconds[(run, key)] for run in variant.runs) + instance_seconds
+        )
+        row["command"] = variant.command
+        rows.append(row)
+    results = pd.DataFrame(rows)
+    baseline = results.loc[results["variant"] == ablation.baseline, "cv"].iloc[0]
+    results.insert(3, "delta", results["cv"] - baseline)
+    return results
+
+
+def leaderboard_markdown(results: pd.DataFrame, title: str, command: str) -> str:
+    """The results as a Markdown table, best CV first, with the command that made them."""
+    ranked = results.sort_values("cv", ascending=False)
+    header = ["variant", "images", "CV", "delta", *MODALITIES, "s / image"]
+    lines = [
+        f"# {title}",
+        "",
+        f"`{command}`",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---"] * len(header)) + " |",
+    ]
+    for _, row in ranked.iterrows():
+        cells = [
+            row["variant"],
+            str(row["images"]),
+            f"{row['cv']:.4f}",
+            f"{row['delta']:+.4f}",
+            *(f"{row[m]:.4f}" if pd.notna(row[m]) else "" for m in MODALITIES),
+            f"{row['seconds_per_image']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    commands = ranked[ranked["command"].astype(bool)]
+    if len(commands):
+        lines += ["", "Runs:", ""]
+        lines += [f"- {row['variant']}: `{row['command']}`" for _, row in commands.iterrows()]
+    return "\n".join(lines) + "\n"
