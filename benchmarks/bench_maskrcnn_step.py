@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 import warnings
 
 import numpy as np
 import torch
 from skimage.draw import disk
+from timing import train_step_seconds
 
 from nucleiseg.config import TrainConfig, load_config
 from nucleiseg.dataset import to_tensor
@@ -75,20 +75,10 @@ def _config(variant: str, bf16: bool) -> TrainConfig:
 
 def step_seconds(variant: str, bf16: bool, args: argparse.Namespace) -> float:
     config = _config(variant, bf16)
-    family = get_family("maskrcnn")
     torch.manual_seed(0)
-    model = build_model(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images, targets = _batch(args.batch, args.size, args.nuclei, family)
-    times = []
-    for _ in range(args.steps + 1):  # the first step warms up allocators and kernels
-        started = time.perf_counter()
-        loss = family.training_loss(model, images, targets, config)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - started)
-    return min(times[1:])
+    model = build_model(config)
+    images, targets = _batch(args.batch, args.size, args.nuclei, get_family("maskrcnn"))
+    return train_step_seconds(model, images, targets, config, args.steps, lr=1e-4)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -12,14 +12,12 @@ in the same process; the last line gives the ratio for the first encoder.
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
 import torch
+from timing import train_step_seconds
 
 from nucleiseg.config import TrainConfig
-from nucleiseg.inference import autocast
-from nucleiseg.losses import bce_dice_loss
 from nucleiseg.models import build_model
 
 
@@ -38,26 +36,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def step_seconds(encoder: str, bf16: bool, batch: int, size: int, steps: int) -> float:
     torch.manual_seed(0)
-    model = build_model(TrainConfig(encoder=encoder))
-    if bf16:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    config = TrainConfig(encoder=encoder, amp=bf16)
+    model = build_model(config)
     images = torch.randn(batch, 3, size, size)
     if bf16:
+        model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     targets = (torch.rand(batch, 3, size, size) > 0.5).float()
-    device = torch.device("cpu")
-    times = []
-    for _ in range(steps + 1):  # the first step warms up allocators and kernels
-        started = time.perf_counter()
-        with autocast(device, bf16):
-            logits = model(images)
-        loss = bce_dice_loss(logits, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - started)
-    return min(times[1:])
+    return train_step_seconds(model, images, targets, config, steps, lr=1e-3)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from nucleiseg.atomic import atomic_path
-from nucleiseg.evaluation import evaluate_run, fold_table, modality_table
+from nucleiseg.evaluation import evaluate_run, print_cv_report
 
 log = logging.getLogger("evaluate_oof")
 
@@ -35,12 +35,7 @@ def main(args: argparse.Namespace) -> float:
     if args.per_image:
         with atomic_path(args.per_image) as tmp:
             per_image.to_csv(tmp, index=False)
-    print(fold_table(per_image).to_string(float_format="%.4f"))
-    print()
-    print(modality_table(per_image).to_string(float_format="%.4f"))
-    cv = float(per_image["score"].mean())
-    print(f"cv: {cv:.4f}")
-    return cv
+    return print_cv_report(per_image)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from nucleiseg import data, oof
 from nucleiseg.ensemble import segment_image
-from nucleiseg.evaluation import evaluate_run, fold_table, modality_table
-from nucleiseg.family import load_params, run_config
+from nucleiseg.evaluation import evaluate_run, print_cv_report
+from nucleiseg.family import params_by_family
 from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
 from nucleiseg.inference import (
     FAMILY_MERGES,
@@ -90,14 +90,6 @@ def _options(args: argparse.Namespace) -> InferenceOptions:
     )
 
 
-def _params(runs: list[Path]) -> dict:
-    """Thresholds per family: those of the first run of each family."""
-    params = {}
-    for run in runs:
-        params.setdefault(run_config(run).model, load_params(run))
-    return params
-
-
 def _segment_all(
     models: list[FoldModel],
     images: dict[str, Path],
@@ -142,7 +134,7 @@ def predict_oof(args: argparse.Namespace, device: torch.device, options: Inferen
     images = data.find_images(data_dir / data.TRAIN_STAGE)
     fold_of = fold_assignment(args.folds_csv, images).set_index("image_id")["fold"]
     models = [member for run in args.runs for member in load_fold_models(run, device)]
-    params = _params(args.runs)
+    params = params_by_family(args.runs)
     folds = sorted({m.fold for m in models})
     for fold in folds:
         members = [m for m in models if m.fold == fold]
@@ -161,12 +153,7 @@ def predict_oof(args: argparse.Namespace, device: torch.device, options: Inferen
         shapes = {data.image_size(p) for p in fold_images.values()}
         print(f"fold {fold}: {_summary(labels, seconds, shapes)}")
     per_image = evaluate_run(args.out_dir, data_dir, args.folds_csv)
-    print(fold_table(per_image).to_string(float_format="%.4f"))
-    print()
-    print(modality_table(per_image).to_string(float_format="%.4f"))
-    cv = float(per_image["score"].mean())
-    print(f"cv: {cv:.4f}")
-    return cv
+    return print_cv_report(per_image)
 
 
 def main(args: argparse.Namespace):
@@ -177,7 +164,7 @@ def main(args: argparse.Namespace):
     if args.out is None:
         raise SystemExit("--out is required (or --oof with --out-dir)")
     models = [member for run in args.runs for member in load_fold_models(run, device)]
-    params = _params(args.runs)
+    params = params_by_family(args.runs)
     images = data.find_images(args.images)
     log.info("%d models, %d images, %s, %s", len(models), len(images), params, options)
     labels, seconds = _segment_all(models, images, params, device, options, args)

@@ -62,11 +62,10 @@ TINY_MASKRCNN = {
 }
 
 
-def tiny_maskrcnn_config(**overrides) -> TrainConfig:
-    """A Mask R-CNN configuration that trains in seconds on 64 px crops."""
+def tiny_config(**overrides) -> TrainConfig:
+    """A configuration that trains in seconds on 64 px crops (U-Net++ unless overridden)."""
     values = dict(
-        model="maskrcnn",
-        experiment="tiny_maskrcnn",
+        experiment="tiny",
         epochs=2,
         samples_per_epoch=4,
         batch_size=2,
@@ -74,6 +73,12 @@ def tiny_maskrcnn_config(**overrides) -> TrainConfig:
         val_every=1,
         num_workers=0,
         amp=False,
-        maskrcnn=TINY_MASKRCNN,
+        channels_last=False,
     )
     return load_config(overrides=values | overrides)
+
+
+def tiny_maskrcnn_config(**overrides) -> TrainConfig:
+    """:func:`tiny_config` for Mask R-CNN, with narrow heads and few proposals."""
+    values = dict(model="maskrcnn", experiment="tiny_maskrcnn", maskrcnn=TINY_MASKRCNN)
+    return tiny_config(**(values | overrides))

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from nucleiseg.ensemble import combine, confident_instances, merge_families, scored_instances
+from nucleiseg.ensemble import merge_families
+from nucleiseg.family import confident_instances, get_family, scored_instances
 from nucleiseg.inference import InferenceOptions
 from nucleiseg.instances import (
     InstanceParams,
@@ -68,10 +69,10 @@ def test_merge_views_does_not_depend_on_instance_order():
 
 def test_fold_ensembles_average_maps_and_vote_instances():
     maps = [np.full((3, 4, 4), 0.2), np.full((3, 4, 4), 0.6)]
-    np.testing.assert_allclose(combine("unetpp", maps, InferenceOptions()), 0.4)
+    np.testing.assert_allclose(get_family("unetpp").combine(maps, InferenceOptions()), 0.4)
     a, b = _disc((20, 20)), _disc((40, 60))
     folds = [_soft([a, b], [0.9, 0.9]), _soft([a], [0.8]), _soft([a], [0.7])]
-    voted = combine("maskrcnn", folds, InferenceOptions(vote_fraction=0.5))
+    voted = get_family("maskrcnn").combine(folds, InferenceOptions(vote_fraction=0.5))
     assert len(voted) == 1  # b was found by one fold of three
     assert voted.scores[0] == pytest.approx(0.8)
 

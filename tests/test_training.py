@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import tiny_maskrcnn_config
+from helpers import tiny_config, tiny_maskrcnn_config
 from skimage.draw import disk
 
 from nucleiseg import engine, oof, runs
@@ -30,23 +30,8 @@ def _sample(image_id: str, seed: int, size: int = 64) -> Sample:
     return Sample(image_id, image, labels)
 
 
-def _tiny_config(**overrides) -> TrainConfig:
-    values = dict(
-        experiment="tiny",
-        epochs=2,
-        samples_per_epoch=4,
-        batch_size=2,
-        crop_size=64,
-        val_every=1,
-        num_workers=0,
-        amp=False,
-        channels_last=False,
-    )
-    return load_config(overrides=values | overrides)
-
-
 def test_unetpp_output_shape_and_backward():
-    model = build_model(_tiny_config())
+    model = build_model(tiny_config())
     logits = model(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 3, 64, 64)
     bce_dice_loss(logits, torch.zeros_like(logits)).backward()
@@ -73,7 +58,7 @@ def test_config_yaml_then_overrides_and_unknown_keys(tmp_path):
 
 def test_unknown_model_fails_by_name():
     with pytest.raises(ValueError, match="unknown model 'unet'"):
-        _tiny_config(model="unet")
+        tiny_config(model="unet")
     with pytest.raises(KeyError, match="unknown model 'unet'"):
         build_model(TrainConfig(model="unet"))
 
@@ -92,7 +77,7 @@ def test_family_defaults_come_before_the_file_and_the_flags(tmp_path):
 
 
 def test_training_steps_lower_the_loss():
-    config = _tiny_config(samples_per_epoch=8, lr=3e-3)
+    config = tiny_config(samples_per_epoch=8, lr=3e-3)
     trainer = engine.Trainer.create(config, torch.device("cpu"))
     sample = _sample("a", 0)
     images = torch.stack([to_tensor(sample.image)] * 2)
@@ -114,7 +99,7 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(family, tmp_path, mo
     train = [_sample(f"t{i}", i) for i in range(3)]
     val = [_sample("v0", 10)]
     modalities = {s.image_id: "fluorescence" for s in train + val}
-    config = _tiny_config() if family == "unetpp" else tiny_maskrcnn_config()
+    config = tiny_config() if family == "unetpp" else tiny_maskrcnn_config()
     cpu = torch.device("cpu")
 
     engine.train_fold(config, train, val, modalities, tmp_path / "whole" / "fold0", cpu)
@@ -165,11 +150,11 @@ def test_encoder_weights_from_a_local_file_and_init_from_a_checkpoint(tmp_path):
 
     backbone = timm.create_model("efficientnet_b0", pretrained=False)
     torch.save({"state_dict": backbone.state_dict()}, tmp_path / "effb0_imagenet.pth")
-    model = build_model(_tiny_config(encoder_weights=str(tmp_path / "effb0_imagenet.pth")))
+    model = build_model(tiny_config(encoder_weights=str(tmp_path / "effb0_imagenet.pth")))
     assert torch.equal(model.encoder.model.conv_stem.weight, backbone.conv_stem.weight)
 
     torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "run.ckpt")
-    started = build_model(_tiny_config(init_from=str(tmp_path / "run.ckpt")))
+    started = build_model(tiny_config(init_from=str(tmp_path / "run.ckpt")))
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, started.state_dict()[name]), name
 
@@ -177,7 +162,7 @@ def test_encoder_weights_from_a_local_file_and_init_from_a_checkpoint(tmp_path):
         load_weights(model, tmp_path / "missing.ckpt")
     torch.save({"conv_stem.weight": backbone.conv_stem.weight}, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match="encoder weights missing"):
-        build_model(_tiny_config(encoder_weights=str(tmp_path / "partial.pth")))
+        build_model(tiny_config(encoder_weights=str(tmp_path / "partial.pth")))
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (33, 64), (70, 41)])
@@ -187,7 +172,7 @@ def test_whole_image_prediction_pads_to_the_stride_and_crops_back(shape):
     padded = pad_to_stride(image)
     assert padded.shape[0] % 32 == 0 and padded.shape[1] % 32 == 0
     np.testing.assert_array_equal(padded[: shape[0], : shape[1]], image)
-    model = build_model(_tiny_config()).eval()
+    model = build_model(tiny_config()).eval()
     probabilities = predict_probabilities(model, image, torch.device("cpu"))
     assert probabilities.shape == (3, *shape)
     assert probabilities.min() >= 0 and probabilities.max() <= 1

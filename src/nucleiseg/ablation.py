@@ -32,7 +32,7 @@ from tqdm import tqdm
 from nucleiseg import data, oof
 from nucleiseg.atomic import atomic_path
 from nucleiseg.ensemble import labels_from_raws
-from nucleiseg.family import Params, get_family, load_params, run_config
+from nucleiseg.family import Params, get_family, params_by_family, run_config
 from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
 from nucleiseg.inference import InferenceOptions, load_fold_models
 from nucleiseg.metric import average_precision
@@ -200,11 +200,10 @@ def _predict_fold(run_dir, fold, fold_dir, cache, images, options, device) -> No
 
 def variant_params(variant: Variant) -> dict[str, Params]:
     """Thresholds per family: the first run's tuned ones, with the variant's overrides."""
-    params: dict[str, Params] = {}
-    for run in variant.runs:
-        name = run_config(run).model
-        if name not in params:
-            params[name] = dataclasses.replace(load_params(run), **variant.overrides.get(name, {}))
+    params = {
+        name: dataclasses.replace(base, **variant.overrides.get(name, {}))
+        for name, base in params_by_family(variant.runs).items()
+    }
     unused = sorted(set(variant.overrides) - set(params))
     if unused:
         raise ValueError(f"{variant.name}: overrides for {', '.join(unused)}, which has no run")

@@ -25,7 +25,7 @@ from nucleiseg.dataset import to_tensor
 from nucleiseg.inference import InferenceOptions, autocast
 from nucleiseg.instances import SoftInstances, merge_views, nms_indices
 from nucleiseg.maskrcnn import MaskRCNNParams, detections_to_instances, input_scale
-from nucleiseg.tiling import tiles
+from nucleiseg.tiling import batches, tiles
 
 # A box within this many pixels of an inner tile edge belongs to a cut nucleus.
 CUT_MARGIN = 2
@@ -73,8 +73,7 @@ def detect_view(
             return (*_outputs(model([image.to(device)])[0]), False)
     layout = tiles((height, width), tile, overlap)
     found = []
-    for start in range(0, len(layout), batch_size):
-        group = layout[start : start + batch_size]
+    for group in batches(layout, batch_size):
         batch = [image[(slice(None), *t.window())].to(device) for t in group]
         with autocast(device, amp):
             outputs = model(batch)

@@ -149,8 +149,7 @@ class Trainer:
         return total / max(count, 1)
 
     def predict(self, sample: Sample):
-        """The family's raw output for a whole image (the model is put in eval mode)."""
-        self.model.eval()
+        """The family's raw output for a whole image (the family puts the model in eval mode)."""
         return self.family.predict(self.model, sample.image, self.config, self.device)
 
     def validate(self, samples: Sequence[Sample]) -> tuple[float, float]:

@@ -13,7 +13,6 @@ or ``agree``) and overlaps resolved, so each pixel belongs to one nucleus.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,61 +21,12 @@ import torch
 from tqdm import tqdm
 
 from nucleiseg.data import read_image
-from nucleiseg.family import MaskRCNNFamily, Params, UnetPlusPlusFamily, get_family
+from nucleiseg.family import Params, get_family
 from nucleiseg.inference import FoldModel, InferenceOptions
-from nucleiseg.instances import (
-    InstanceParams,
-    Instances,
-    SoftInstances,
-    merge_views,
-    resolve_overlaps,
-    suppress_duplicates,
-)
-from nucleiseg.postprocess import BODY
+from nucleiseg.instances import SoftInstances, merge_views, resolve_overlaps, suppress_duplicates
 
 # Box IoU of the box stage of the cross-family NMS (the mask IoU decides).
 FAMILY_BOX_IOU = 0.7
-
-
-def combine(family_name: str, raws: Sequence, options: InferenceOptions) -> object:
-    """One raw output from those of several models of a family, for the same image.
-
-    Args:
-        family_name: The models' family.
-        raws: Their raw outputs: probability maps (U-Net++) or soft instances
-            (Mask R-CNN).
-        options: The vote settings for Mask R-CNN.
-
-    Returns:
-        The mean probability maps, or the instances found by at least
-        ``ceil(vote_fraction x models)`` models, merged.
-    """
-    family = get_family(family_name)
-    if isinstance(family, UnetPlusPlusFamily):
-        return np.mean(np.stack(raws), axis=0)
-    if isinstance(family, MaskRCNNFamily):
-        if len(raws) == 1:
-            return raws[0]
-        min_votes = max(1, math.ceil(options.vote_fraction * len(raws)))
-        return merge_views(raws, options.vote_iou, min_votes)
-    raise KeyError(f"no ensemble rule for family {family_name!r}")
-
-
-def scored_instances(labels: np.ndarray, body: np.ndarray) -> SoftInstances:
-    """U-Net++ nuclei as instances, each scored by its mean body probability."""
-    instances = Instances.from_labels(labels)
-    scores = [
-        float(body[y0:y1, x0:x1][mask].mean())
-        for (y0, x0, y1, x1), mask in zip(instances.boxes, instances.masks, strict=True)
-    ]
-    scored = Instances(instances.shape, np.asarray(scores, float), instances.boxes, instances.masks)
-    return SoftInstances.from_instances(scored)
-
-
-def confident_instances(raw: SoftInstances, params: InstanceParams) -> SoftInstances:
-    """Mask R-CNN instances above its score threshold, masks binarized at its mask threshold."""
-    binary = raw.subset(raw.scores > params.score_threshold).binarize(params.mask_threshold)
-    return SoftInstances.from_instances(binary)
 
 
 def merge_families(
@@ -131,17 +81,10 @@ def labels_from_raws(
     missing = [name for name in families if name not in params]
     if missing:
         raise KeyError(f"no thresholds for family {', '.join(missing)}")
-    combined = {name: combine(name, raws[name], options) for name in families}
+    combined = {name: get_family(name).combine(raws[name], options) for name in families}
     if len(families) == 1:
         return get_family(families[0]).to_labels(combined[families[0]], params[families[0]])
-    sets = []
-    for name in families:
-        family = get_family(name)
-        if isinstance(family, UnetPlusPlusFamily):
-            labels = family.to_labels(combined[name], params[name])
-            sets.append(scored_instances(labels, combined[name][BODY]))
-        else:
-            sets.append(confident_instances(combined[name], params[name]))
+    sets = [get_family(name).instances(combined[name], params[name]) for name in families]
     min_size = min(params[name].min_size for name in families)
     return merge_families(sets, options.family_merge, options.family_iou, min_size)
 

@@ -109,3 +109,13 @@ def evaluate_run(
     truth = {image_id: data.labels_of(images[image_id]) for image_id in predictions}
     modalities = fold_assignment(folds_csv, predictions).set_index("image_id")["modality"]
     return score_oof(predictions, truth, modalities.to_dict())
+
+
+def print_cv_report(per_image: pd.DataFrame) -> float:
+    """Print the per-fold and per-modality tables, then ``cv: <value>``; return the CV."""
+    print(fold_table(per_image).to_string(float_format="%.4f"))
+    print()
+    print(modality_table(per_image).to_string(float_format="%.4f"))
+    cv = float(per_image["score"].mean())
+    print(f"cv: {cv:.4f}")
+    return cv

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,10 +37,16 @@ from nucleiseg.data import Sample
 from nucleiseg.dataset import to_tensor
 from nucleiseg.detection import detect
 from nucleiseg.inference import InferenceOptions, autocast, predict_logits, predict_probabilities
-from nucleiseg.instances import InstanceParams, SoftInstances, instances_to_labels
+from nucleiseg.instances import (
+    InstanceParams,
+    Instances,
+    SoftInstances,
+    instances_to_labels,
+    merge_views,
+)
 from nucleiseg.losses import get_loss
 from nucleiseg.maskrcnn import detection_targets, rescale_sample
-from nucleiseg.postprocess import PostprocessParams, instances_from_probabilities
+from nucleiseg.postprocess import BODY, PostprocessParams, instances_from_probabilities
 from nucleiseg.runs import CONFIG, POSTPROCESS_YAML, fold_dirs
 from nucleiseg.targets import make_targets
 
@@ -93,6 +100,14 @@ class Family(ABC):
         """Raw output -> int32 label image, 0 = background."""
 
     @abstractmethod
+    def combine(self, raws: Sequence[Any], options: InferenceOptions) -> Any:
+        """One raw output from those of several models (folds) for the same image."""
+
+    @abstractmethod
+    def instances(self, raw: Any, params: Params) -> SoftInstances:
+        """Scored binary instances (as 0/1 soft masks), for merging with another family."""
+
+    @abstractmethod
     def params(self, config: TrainConfig) -> Params:
         """The raw output -> instances thresholds of a configuration."""
 
@@ -133,6 +148,13 @@ class UnetPlusPlusFamily(Family):
     def to_labels(self, raw, params):
         return instances_from_probabilities(raw, params)
 
+    def combine(self, raws, options):
+        # Averaged maps: the models' agreement decides every boundary.
+        return np.mean(np.stack(raws), axis=0)
+
+    def instances(self, raw, params):
+        return scored_instances(self.to_labels(raw, params), raw[BODY])
+
     def params(self, config):
         return config.postprocess
 
@@ -141,6 +163,23 @@ class UnetPlusPlusFamily(Family):
 
     def load_oof(self, fold_dir):
         return oof.load_probabilities(fold_dir)
+
+
+def scored_instances(labels: np.ndarray, body: np.ndarray) -> SoftInstances:
+    """U-Net++ nuclei as instances, each scored by its mean body probability."""
+    instances = Instances.from_labels(labels)
+    scores = [
+        float(body[y0:y1, x0:x1][mask].mean())
+        for (y0, x0, y1, x1), mask in zip(instances.boxes, instances.masks, strict=True)
+    ]
+    scored = Instances(instances.shape, np.asarray(scores, float), instances.boxes, instances.masks)
+    return SoftInstances.from_instances(scored)
+
+
+def confident_instances(raw: SoftInstances, params: InstanceParams) -> SoftInstances:
+    """Mask R-CNN instances above its score threshold, masks binarized at its mask threshold."""
+    binary = raw.subset(raw.scores > params.score_threshold).binarize(params.mask_threshold)
+    return SoftInstances.from_instances(binary)
 
 
 def _semantic_targets(labels: np.ndarray, params) -> torch.Tensor:
@@ -192,6 +231,16 @@ class MaskRCNNFamily(Family):
 
     def to_labels(self, raw: SoftInstances, params: InstanceParams) -> np.ndarray:
         return instances_to_labels(raw, params)
+
+    def combine(self, raws, options):
+        # Found by at least ceil(vote_fraction x models) models, masks averaged.
+        if len(raws) == 1:
+            return raws[0]
+        min_votes = max(1, math.ceil(options.vote_fraction * len(raws)))
+        return merge_views(raws, options.vote_iou, min_votes)
+
+    def instances(self, raw, params):
+        return confident_instances(raw, params)
 
     def params(self, config):
         return config.instances
@@ -248,3 +297,13 @@ def load_params(run_dir: str | Path) -> Params:
             raise ValueError(f"{tuned}: not {family.name} settings: {', '.join(unknown)}")
         return family.params_type(**values)
     return family.params(config)
+
+
+def params_by_family(runs: Sequence[str | Path]) -> dict[str, Params]:
+    """Thresholds per family: those of the first run of each family (see :func:`load_params`)."""
+    params: dict[str, Params] = {}
+    for run in runs:
+        name = run_config(run).model
+        if name not in params:
+            params[name] = load_params(run)
+    return params

@@ -137,8 +137,7 @@ def predict_probabilities(
     Returns:
         float32 (C, H, W) in [0, 1].
     """
-    if options is None:
-        return torch.sigmoid(predict_logits(model, image, device, amp)).numpy()
+    options = options or InferenceOptions()
 
     @torch.no_grad()
     def probabilities(batch: torch.Tensor) -> torch.Tensor:

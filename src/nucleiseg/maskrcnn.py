@@ -32,6 +32,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from nucleiseg.data import Sample
 from nucleiseg.instances import SoftInstances
+from nucleiseg.tta import resize_image
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 # Levels of the FPN: ResNet stages 1-4 (strides 4 to 32) and a max-pooled stride-64 level.
@@ -195,11 +196,10 @@ def rescale_sample(sample: Sample, params: MaskRCNNParams) -> Sample:
     scale = input_scale(sample.image.shape[:2], params)
     if scale == 1.0:
         return sample
-    height, width = sample.image.shape[:2]
-    size = (round(width * scale), round(height * scale))
-    image = cv2.resize(sample.image, size, interpolation=cv2.INTER_LINEAR)
+    image = resize_image(sample.image, scale)
     labels = None
     if sample.labels is not None:
+        size = (image.shape[1], image.shape[0])
         labels = cv2.resize(sample.labels, size, interpolation=cv2.INTER_NEAREST_EXACT)
     return Sample(sample.image_id, image, labels)
 

@@ -12,7 +12,9 @@ Per fold folder ``<run>/fold<K>/oof/``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -105,11 +107,9 @@ def load_instances(fold_dir: Path) -> dict[str, SoftInstances]:
         DataError: If the fold has none (they are not committed; re-run the
             fold's prediction to regenerate them).
     """
-    folder = Path(fold_dir) / OOF_DIR / INSTANCES_DIR
-    paths = sorted(folder.glob("*.npz"))
-    if not paths:
-        raise DataError(f"{folder}: no instance files")
-    return {path.stem: read_instances(path) for path in paths}
+    return _read_folder(
+        Path(fold_dir) / OOF_DIR / INSTANCES_DIR, ".npz", read_instances, "instance files"
+    )
 
 
 def read_label_png(path: Path) -> np.ndarray:
@@ -171,8 +171,16 @@ def load_probabilities(fold_dir: Path) -> dict[str, np.ndarray]:
         DataError: If the fold has none (they are not committed; re-run the
             fold's prediction to regenerate them).
     """
-    folder = Path(fold_dir) / OOF_DIR / PROBABILITIES_DIR
-    paths = sorted(folder.glob("*.png"))
+    return _read_folder(
+        Path(fold_dir) / OOF_DIR / PROBABILITIES_DIR, ".png", read_probabilities, "probability maps"
+    )
+
+
+def _read_folder(
+    folder: Path, suffix: str, reader: Callable[[Path], Any], what: str
+) -> dict[str, Any]:
+    """Every ``*<suffix>`` file of a folder read by ``reader``, by file stem; none is an error."""
+    paths = sorted(folder.glob(f"*{suffix}"))
     if not paths:
-        raise DataError(f"{folder}: no probability maps")
-    return {path.stem: read_probabilities(path) for path in paths}
+        raise DataError(f"{folder}: no {what}")
+    return {path.stem: reader(path) for path in paths}

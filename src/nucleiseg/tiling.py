@@ -85,7 +85,8 @@ def blend_weights(height: int, width: int, overlap: int) -> np.ndarray:
     return np.outer(ramp(height), ramp(width)).astype(np.float32)
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
+def batches(items: list, size: int) -> Iterator[list]:
+    """Consecutive groups of ``size`` items (the last may be shorter)."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -132,7 +133,7 @@ def predict_dense_tiled(
     layout = tiles(padded_shape, tile, overlap)
     weights = blend_weights(layout[0].height, layout[0].width, overlap)
     total = weight_sum = None
-    for group in _batches(layout, batch_size):
+    for group in batches(layout, batch_size):
         batch = torch.stack([padded[(slice(None), *t.window())] for t in group])
         outputs = fn(batch).float().cpu().numpy()
         if total is None:
