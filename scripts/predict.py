@@ -1,5 +1,7 @@
 """Segment images with the fold models of one or more runs; write a submission or OOF labels.
 
+    python scripts/predict.py --images ../shared/data/dsb2018/stage1_test \
+        --out submissions/stage1_test_reference.csv
     python scripts/predict.py --runs runs/unetpp_sample --images data/sample/stage1_test \
         --out submissions/sample_unetpp.csv
     python scripts/predict.py --runs runs/unetpp_effb0 runs/maskrcnn_r18 \
@@ -8,7 +10,9 @@
         --save-overlays predictions/overlays
     python scripts/predict.py --oof --runs runs/unetpp_effb0 --tta flip --out-dir runs/oof_flip
 
-Every finished fold of every run predicts each image, over the test-time views
+Without ``--runs``, the reference ensemble bundled in ``weights/`` predicts,
+after every file is checked against its manifest (``--weights`` names another
+bundle). Every finished fold of every run predicts each image, over the test-time views
 (``--tta``, ``--scales``), whole or in overlapping tiles (``--tile``,
 ``--overlap``). U-Net++ folds are averaged as probabilities, Mask R-CNN folds
 merged by vote, and the two families merged by ``--merge``; each run's tuned
@@ -30,22 +34,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from nucleiseg import data, oof
-from nucleiseg.ensemble import segment_image
+from nucleiseg.ensemble import segment_images, segment_out_of_fold
 from nucleiseg.evaluation import evaluate_run, print_cv_report
 from nucleiseg.family import params_by_family
 from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
-from nucleiseg.inference import (
-    FAMILY_MERGES,
-    FoldModel,
-    InferenceOptions,
-    load_fold_models,
-    resolve_device,
-)
+from nucleiseg.inference import FAMILY_MERGES, InferenceOptions, load_fold_models, resolve_device
 from nucleiseg.overlays import write_overlay
-from nucleiseg.runs import read_run_info, write_run_info
+from nucleiseg.reference import WEIGHTS_DIR, ReferenceWeightsError, verify
+from nucleiseg.runs import fold_dirs, read_run_info, write_run_info
 from nucleiseg.submission import write_submission
 from nucleiseg.tta import TTA_SETS, parse_scales
 
@@ -54,7 +52,10 @@ log = logging.getLogger("predict")
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders")
+    parser.add_argument("--runs", type=Path, nargs="+", help="run folders (default: --weights)")
+    parser.add_argument(
+        "--weights", type=Path, default=WEIGHTS_DIR, help="reference bundle used without --runs"
+    )
     parser.add_argument(
         "--images", type=Path, default=data.SAMPLE_DIR / data.TEST_STAGE, help="images to segment"
     )
@@ -90,28 +91,18 @@ def _options(args: argparse.Namespace) -> InferenceOptions:
     )
 
 
-def _segment_all(
-    models: list[FoldModel],
-    images: dict[str, Path],
-    params: dict,
-    device: torch.device,
-    options: InferenceOptions,
-    args: argparse.Namespace,
-    on_labels=None,
-) -> tuple[dict[str, np.ndarray], float]:
-    """Label images of files, written as they come; returns them and the seconds taken."""
-    labels = {}
-    started = time.perf_counter()
-    for image_id, path in tqdm(images.items(), desc="predict", unit="image"):
-        image = data.read_image(path)
-        labels[image_id] = segment_image(models, image, params, device, options)
-        if on_labels is not None:
-            on_labels(image_id, labels[image_id])
+def _writer(args: argparse.Namespace, out_dir: Path | None = None, fold_of=None):
+    """The per-image callback: label PNGs and overlays as asked, OOF labels into a run folder."""
+
+    def write(image_id: str, image: np.ndarray, labels: np.ndarray) -> None:
+        if out_dir is not None:
+            oof.save_prediction(out_dir / f"fold{fold_of[image_id]}", image_id, None, labels)
         if args.save_labels:
-            oof.write_label_png(args.save_labels / f"{image_id}.png", labels[image_id])
+            oof.write_label_png(args.save_labels / f"{image_id}.png", labels)
         if args.save_overlays:
-            write_overlay(args.save_overlays / f"{image_id}.png", image, labels[image_id])
-    return labels, time.perf_counter() - started
+            write_overlay(args.save_overlays / f"{image_id}.png", image, labels)
+
+    return write
 
 
 def _summary(labels: dict[str, np.ndarray], seconds: float, shapes: set) -> str:
@@ -129,28 +120,25 @@ def predict_oof(args: argparse.Namespace, device: torch.device, options: Inferen
     """Each training image predicted by its own fold's models; returns the CV score."""
     if args.out_dir is None:
         raise SystemExit("--oof needs --out-dir")
-    first_fold = next(iter(oof.oof_fold_dirs(args.runs[0]).values()))
+    first_fold = next(iter(fold_dirs(args.runs[0]).values()))
     data_dir = args.data_dir or Path(read_run_info(first_fold)["data_dir"])
     images = data.find_images(data_dir / data.TRAIN_STAGE)
-    fold_of = fold_assignment(args.folds_csv, images).set_index("image_id")["fold"]
+    fold_of = fold_assignment(args.folds_csv, images).set_index("image_id")["fold"].to_dict()
     models = [member for run in args.runs for member in load_fold_models(run, device)]
-    params = params_by_family(args.runs)
-    folds = sorted({m.fold for m in models})
-    for fold in folds:
-        members = [m for m in models if m.fold == fold]
-        if len({m.config.model for m in members}) < len({m.config.model for m in models}):
-            log.warning("fold %d is missing from some runs; its images use the others", fold)
-        fold_images = {i: p for i, p in images.items() if fold_of[i] == fold}
-        fold_dir = args.out_dir / f"fold{fold}"
-        write_run_info(fold_dir, fold=fold, data_dir=data_dir, device=device)
-
-        def save(image_id, labels, fold_dir=fold_dir):
-            oof.save_prediction(fold_dir, image_id, None, labels)
-
-        labels, seconds = _segment_all(
-            members, fold_images, params, device, options, args, on_labels=save
-        )
-        shapes = {data.image_size(p) for p in fold_images.values()}
+    for fold in sorted({m.fold for m in models}):
+        write_run_info(args.out_dir / f"fold{fold}", fold=fold, data_dir=data_dir, device=device)
+    images = {i: p for i, p in images.items() if fold_of[i] in {m.fold for m in models}}
+    results = segment_out_of_fold(
+        models,
+        images,
+        fold_of,
+        params_by_family(args.runs),
+        device,
+        options,
+        _writer(args, args.out_dir, fold_of),
+    )
+    for fold, (labels, seconds) in results.items():
+        shapes = {data.image_size(images[i]) for i in labels}
         print(f"fold {fold}: {_summary(labels, seconds, shapes)}")
     per_image = evaluate_run(args.out_dir, data_dir, args.folds_csv)
     return print_cv_report(per_image)
@@ -159,6 +147,12 @@ def predict_oof(args: argparse.Namespace, device: torch.device, options: Inferen
 def main(args: argparse.Namespace):
     device = resolve_device(args.device)
     options = _options(args)
+    if not args.runs:
+        try:
+            args.runs = verify(args.weights)
+        except ReferenceWeightsError as error:
+            raise SystemExit(f"error: {error}") from None
+        log.info("reference ensemble %s: %s", args.weights, ", ".join(r.name for r in args.runs))
     if args.oof:
         return predict_oof(args, device, options)
     if args.out is None:
@@ -167,7 +161,9 @@ def main(args: argparse.Namespace):
     params = params_by_family(args.runs)
     images = data.find_images(args.images)
     log.info("%d models, %d images, %s, %s", len(models), len(images), params, options)
-    labels, seconds = _segment_all(models, images, params, device, options, args)
+    started = time.perf_counter()
+    labels = segment_images(models, images, params, device, options, _writer(args))
+    seconds = time.perf_counter() - started
     write_submission(labels, args.out)
     shapes = {data.image_size(p) for p in images.values()}
     print(f"{_summary(labels, seconds, shapes)} -> {args.out}")

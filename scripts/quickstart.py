@@ -1,30 +1,34 @@
-"""The README's main job: a quick U-Net++ run on the bundled sample, end to end.
+"""The README's main job: the reference ensemble on the bundled sample, end to end.
 
     python scripts/quickstart.py
 
-Trains two folds of ``configs/unetpp_sample.yaml`` on ``data/sample`` (resuming
-them if an earlier run was interrupted), scores their out-of-fold predictions
-with the competition metric, segments the sample's test images with both fold
-models and writes a validated submission to ``submissions/sample_unetpp.csv``.
-A few minutes on 2 CPU cores; the model is far from converged: the run shows
-the pipeline, the full-data folds (``scripts/train.py --fold all``) give the
-real scores.
+Checks the reference weights in ``weights/`` against their manifest, segments
+the sample's test images with every fold model and writes a validated
+submission to ``submissions/sample_reference.csv`` with outline overlays in
+``predictions/sample_overlays/``; then scores the sample's labelled training
+images out of fold (each image only with the models of the fold that did not
+train on it) with the competition metric, per fold and per modality, and ends
+with ``oof mean AP: <value>``. A few minutes on 2 CPU cores, no training.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
-from nucleiseg import data
-from nucleiseg.config import load_config
-from nucleiseg.engine import train_folds
-from nucleiseg.ensemble import segment_images
-from nucleiseg.evaluation import evaluate_run, fold_table, modality_table
-from nucleiseg.family import load_params
-from nucleiseg.folds import DEFAULT_FOLDS_PATH
+import numpy as np
+
+from nucleiseg import data, oof
+from nucleiseg.ensemble import segment_images, segment_out_of_fold
+from nucleiseg.evaluation import evaluate_run, print_cv_report
+from nucleiseg.family import params_by_family
+from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
 from nucleiseg.inference import load_fold_models, resolve_device
+from nucleiseg.overlays import write_overlay
+from nucleiseg.reference import WEIGHTS_DIR, ReferenceWeightsError, verify
+from nucleiseg.runs import write_run_info
 from nucleiseg.submission import write_submission
 
 log = logging.getLogger("quickstart")
@@ -32,30 +36,48 @@ log = logging.getLogger("quickstart")
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=Path("configs/unetpp_sample.yaml"))
+    parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="reference bundle")
     parser.add_argument("--data-dir", type=Path, default=data.SAMPLE_DIR)
-    parser.add_argument("--folds", default="0,1", help="folds to train (default: 0,1)")
-    parser.add_argument("--out", type=Path, default=Path("submissions/sample_unetpp.csv"))
+    parser.add_argument("--folds-csv", type=Path, default=DEFAULT_FOLDS_PATH)
+    parser.add_argument("--out", type=Path, default=Path("submissions/sample_reference.csv"))
+    parser.add_argument("--overlays", type=Path, default=Path("predictions/sample_overlays"))
+    parser.add_argument("--oof-dir", type=Path, default=Path("predictions/sample_oof"))
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return parser
 
 
 def main(args: argparse.Namespace) -> float:
-    config = load_config(args.config)
+    try:
+        runs = verify(args.weights)
+    except ReferenceWeightsError as error:
+        raise SystemExit(f"error: {error}") from None
     device = resolve_device(args.device)
-    run_dir = Path("runs") / config.experiment
-    train_folds(config, args.data_dir, DEFAULT_FOLDS_PATH, args.folds, run_dir, device, resume=True)
+    models = [member for run in runs for member in load_fold_models(run, device)]
+    params = params_by_family(runs)
+    print(f"reference ensemble: {len(models)} fold models of {', '.join(r.name for r in runs)}")
 
-    per_image = evaluate_run(run_dir, args.data_dir, DEFAULT_FOLDS_PATH)
-    print(fold_table(per_image).to_string(float_format="%.4f"))
-    print(modality_table(per_image).to_string(float_format="%.4f"))
+    def overlay(image_id: str, image: np.ndarray, labels: np.ndarray) -> None:
+        write_overlay(args.overlays / f"{image_id}.png", image, labels)
 
-    models = load_fold_models(run_dir, device)
+    started = time.perf_counter()
     test_images = data.find_images(args.data_dir / data.TEST_STAGE)
-    params = {config.model: load_params(run_dir)}
-    labels = segment_images(models, test_images, params, device)
+    labels = segment_images(models, test_images, params, device, on_labels=overlay)
     write_submission(labels, args.out)
-    print(f"wrote {args.out} ({len(labels)} images)")
+    seconds = (time.perf_counter() - started) / max(len(labels), 1)
+    print(f"wrote {args.out} ({len(labels)} images, {seconds:.1f} s per image)")
+    print(f"overlays: {args.overlays}/")
+
+    train_images = data.find_images(args.data_dir / data.TRAIN_STAGE)
+    fold_of = fold_assignment(args.folds_csv, train_images).set_index("image_id")["fold"]
+    for fold in sorted(set(fold_of)):
+        write_run_info(args.oof_dir / f"fold{fold}", fold=fold, data_dir=args.data_dir, device=device)
+
+    def save(image_id: str, image: np.ndarray, labels: np.ndarray) -> None:
+        oof.save_prediction(args.oof_dir / f"fold{fold_of[image_id]}", image_id, None, labels)
+
+    segment_out_of_fold(models, train_images, fold_of.to_dict(), params, device, on_labels=save)
+    per_image = evaluate_run(args.oof_dir, args.data_dir, args.folds_csv)
+    print_cv_report(per_image)
     score = float(per_image["score"].mean())
     print(f"oof mean AP: {score:.4f}")
     return score

@@ -9,7 +9,8 @@ import yaml
 from helpers import TINY_MASKRCNN, run_script, write_labelled
 from skimage.draw import disk
 
-from nucleiseg import data, oof, runs
+from nucleiseg import data, oof, reference, runs
+from nucleiseg.evaluation import evaluate_run
 from nucleiseg.family import load_params, run_config
 from nucleiseg.postprocess import PostprocessParams
 from nucleiseg.targets import make_targets
@@ -210,6 +211,91 @@ def test_tune_postprocess_writes_thresholds_no_worse_than_the_start(trained_run)
     is_start = np.all([search[k] == v for k, v in start.items()], axis=0)
     assert search["mean_ap"].max() >= search.loc[is_start, "mean_ap"].iloc[0]
     assert search.loc[search["mean_ap"].idxmax(), "min_size"] == tuned.min_size
+
+
+@pytest.fixture
+def bundle(trained_run, tmp_path):
+    """The tiny run exported as a reference bundle."""
+    run_dir, data_dir, folds_csv = trained_run
+    weights = tmp_path / "weights"
+    argv = ["--runs", run_dir, "--out", weights, "--data-dir", data_dir, "--folds-csv", folds_csv]
+    return weights, run_script("export_weights", argv)
+
+
+@pytest.mark.slow
+def test_export_bundles_every_fold_with_its_cv_and_checksums(trained_run, bundle):
+    run_dir, data_dir, folds_csv = trained_run
+    weights, manifest = bundle
+    per_image = evaluate_run(run_dir, data_dir, folds_csv)
+    members = {m["fold"]: m for m in manifest["members"]}
+    assert sorted(members) == [0, 1]
+    for fold, member in members.items():
+        fold_scores = per_image.loc[per_image["fold"] == fold, "score"]
+        assert member["oof_cv"] == round(fold_scores.mean(), 4)
+        assert member["oof_images"] == 3 and member["epochs"] == 1
+        copied = weights / member["weights"]
+        assert copied.read_bytes() == (run_dir / f"fold{fold}" / runs.WEIGHTS).read_bytes()
+        assert manifest["files"][member["weights"]]["sha256"] == reference.sha256(copied)
+    assert reference.verify(weights) == [weights / run_dir.name]
+    with pytest.raises(SystemExit, match="over --max-megabytes"):
+        run_script("export_weights", ["--runs", run_dir, "--out", weights, "--max-megabytes", 0])
+
+
+@pytest.mark.slow
+def test_predict_without_runs_uses_the_bundle(trained_run, bundle, tmp_path):
+    run_dir, data_dir, _ = trained_run
+    weights, _ = bundle
+    argv = ["--images", data_dir / data.TEST_STAGE, "--device", "cpu"]
+    from_run = run_script("predict", argv + ["--runs", run_dir, "--out", tmp_path / "a.csv"])
+    from_bundle = run_script("predict", argv + ["--weights", weights, "--out", tmp_path / "b.csv"])
+    assert from_bundle.keys() == from_run.keys()
+    for image_id, labels in from_run.items():
+        np.testing.assert_array_equal(from_bundle[image_id], labels)
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+
+
+@pytest.mark.slow
+def test_a_missing_or_altered_file_is_named_before_any_model_loads(bundle, tmp_path):
+    weights, manifest = bundle
+    altered, missing = (weights / m["weights"] for m in manifest["members"])
+    blob = bytearray(altered.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    altered.write_bytes(bytes(blob))
+    missing.unlink()
+    with pytest.raises(reference.ReferenceWeightsError) as error:
+        reference.verify(weights)
+    message = str(error.value)
+    assert f"missing: {missing}" in message and f"corrupt: {altered} sha256" in message
+    assert "2 of" in message
+    out = tmp_path / "sub.csv"
+    with pytest.raises(SystemExit, match="missing: "):
+        run_script("predict", ["--weights", weights, "--out", out, "--device", "cpu"])
+    assert not out.exists()
+    (weights / reference.MANIFEST).unlink()
+    with pytest.raises(reference.ReferenceWeightsError, match="manifest.yaml not found"):
+        reference.verify(weights)
+
+
+@pytest.mark.slow
+def test_quickstart_scores_each_image_with_its_own_fold(trained_run, bundle, tmp_path, capsys):
+    run_dir, data_dir, folds_csv = trained_run
+    weights, _ = bundle
+    expected = run_script(
+        "predict",
+        ["--oof", "--runs", run_dir, "--out-dir", tmp_path / "oof_run"]
+        + ["--folds-csv", folds_csv, "--device", "cpu"],
+    )
+    out = tmp_path / "sample.csv"
+    score = run_script(
+        "quickstart",
+        ["--weights", weights, "--data-dir", data_dir, "--folds-csv", folds_csv]
+        + ["--out", out, "--overlays", tmp_path / "overlays", "--oof-dir", tmp_path / "oof"]
+        + ["--device", "cpu"],
+    )
+    assert score == pytest.approx(expected, abs=1e-12)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"oof mean AP: {score:.4f}"
+    assert len(pd.read_csv(out, keep_default_na=False)["ImageId"].unique()) == N_IMAGES
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == N_IMAGES
 
 
 def test_coordinate_search_recovers_a_good_threshold():

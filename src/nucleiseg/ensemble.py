@@ -13,7 +13,9 @@ or ``agree``) and overlaps resolved, so each pixel belongs to one nucleus.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,8 @@ from nucleiseg.data import read_image
 from nucleiseg.family import Params, get_family
 from nucleiseg.inference import FoldModel, InferenceOptions
 from nucleiseg.instances import SoftInstances, merge_views, resolve_overlaps, suppress_duplicates
+
+log = logging.getLogger(__name__)
 
 # Box IoU of the box stage of the cross-family NMS (the mask IoU decides).
 FAMILY_BOX_IOU = 0.7
@@ -122,6 +126,7 @@ def segment_images(
     params: Mapping[str, Params],
     device: torch.device,
     options: InferenceOptions | None = None,
+    on_labels: Callable[[str, np.ndarray, np.ndarray], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Label images of image files (see :func:`segment_image`), with a progress bar.
 
@@ -131,11 +136,62 @@ def segment_images(
         params: Family name -> thresholds.
         device: Where the models run.
         options: Test-time views, tiling and merge rules.
+        on_labels: Called as each image is done, with its id, the RGB image
+            and its label image (to write them as they come).
 
     Returns:
         Image id -> int32 label image.
     """
-    return {
-        image_id: segment_image(models, read_image(path), params, device, options)
-        for image_id, path in tqdm(images.items(), desc="predict", unit="image")
-    }
+    labels = {}
+    for image_id, path in tqdm(images.items(), desc="predict", unit="image"):
+        image = read_image(path)
+        labels[image_id] = segment_image(models, image, params, device, options)
+        if on_labels is not None:
+            on_labels(image_id, image, labels[image_id])
+    return labels
+
+
+def segment_out_of_fold(
+    models: Sequence[FoldModel],
+    images: Mapping[str, Path],
+    fold_of: Mapping[str, int],
+    params: Mapping[str, Params],
+    device: torch.device,
+    options: InferenceOptions | None = None,
+    on_labels: Callable[[str, np.ndarray, np.ndarray], None] | None = None,
+) -> dict[int, tuple[dict[str, np.ndarray], float]]:
+    """Each training image segmented by the models of its own fold only.
+
+    Args:
+        models: Fold models of one or more runs (several per fold for an ensemble).
+        images: Image id -> image file.
+        fold_of: Image id -> the fold it is held out in.
+        params: Family name -> thresholds.
+        device: Where the models run.
+        options: Test-time views, tiling and merge rules.
+        on_labels: As for :func:`segment_images`.
+
+    Returns:
+        Fold -> (image id -> label image, seconds the fold's images took).
+
+    Raises:
+        ValueError: If an image's fold has no model.
+    """
+    by_fold: dict[int, list[FoldModel]] = {}
+    for member in models:
+        by_fold.setdefault(member.fold, []).append(member)
+    orphans = sorted({fold_of[i] for i in images} - set(by_fold))
+    if orphans:
+        raise ValueError(f"no model was held out of folds {orphans}; they cannot be scored")
+    families = {m.config.model for m in models}
+    results = {}
+    for fold, members in sorted(by_fold.items()):
+        fold_images = {i: p for i, p in images.items() if fold_of[i] == fold}
+        if not fold_images:
+            continue
+        if {m.config.model for m in members} != families:
+            log.warning("fold %d lacks some families' models; its images use the others", fold)
+        started = time.perf_counter()
+        labels = segment_images(members, fold_images, params, device, options, on_labels)
+        results[fold] = (labels, time.perf_counter() - started)
+    return results

@@ -1,0 +1,63 @@
+"""Bundle the fold models of finished runs as the reference ensemble under weights/.
+
+    python scripts/export_weights.py --runs runs/unetpp_effb0 --data-dir ../shared/data/dsb2018
+    python scripts/export_weights.py --runs runs/unetpp_effb0 runs/maskrcnn_r18 \
+        --folds 0,1,2,3,4 --max-megabytes 100
+
+Copies each chosen fold's config.yaml, run.yaml and fp16 weights (and the run's
+tuned postprocess.yaml) into ``--out`` in the run layout, scores each fold's
+out-of-fold labels, and writes ``manifest.yaml`` with every file's size and
+sha256 and every member's CV, training time, data and seed. Refuses a bundle
+larger than ``--max-megabytes``. The old bundle stays in place until the new
+one is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from nucleiseg.folds import DEFAULT_FOLDS_PATH
+from nucleiseg.reference import WEIGHTS_DIR, export
+from nucleiseg.runs import WEIGHTS, fold_dirs
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders")
+    parser.add_argument("--folds", help="comma-separated folds to keep (default: all finished)")
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="bundle folder")
+    parser.add_argument("--data-dir", type=Path, help="dataset (default: the runs')")
+    parser.add_argument("--folds-csv", type=Path, default=DEFAULT_FOLDS_PATH)
+    parser.add_argument("--max-megabytes", type=float, default=100.0)
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict:
+    folds = [int(k) for k in args.folds.split(",")] if args.folds else None
+    size = sum(
+        (d / WEIGHTS).stat().st_size
+        for run in args.runs
+        for k, d in fold_dirs(run).items()
+        if (d / WEIGHTS).is_file() and (folds is None or k in folds)
+    )
+    if size / 1e6 > args.max_megabytes:
+        raise SystemExit(
+            f"the chosen weights take {size / 1e6:.1f} MB, over --max-megabytes "
+            f"{args.max_megabytes:g}: keep fewer folds or lighter models"
+        )
+    command = "python scripts/export_weights.py " + shlex.join(sys.argv[1:])
+    manifest = export(args.runs, folds, args.out, args.data_dir, args.folds_csv, note=command)
+    members = pd.DataFrame(manifest["members"])
+    columns = ["run", "fold", "oof_cv", "oof_images", "train_minutes", "epochs", "device"]
+    print(members[columns].to_string(index=False))
+    print(f"{len(manifest['files'])} files, {manifest['total_megabytes']} MB -> {args.out}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,235 @@
+"""The reference ensemble: trained weights kept in the repo, with a manifest that checks them.
+
+``weights/`` holds, for every run of the ensemble, the files inference needs in
+the run layout of :mod:`nucleiseg.runs` (``<run>/fold<K>/config.yaml``,
+``run.yaml``, ``weights_fp16.pt`` and ``<run>/postprocess.yaml`` when the run
+has tuned thresholds), so that every function that reads a run folder reads a
+bundled run the same way. ``weights/manifest.yaml`` lists each file with its
+size and sha256, and each fold model with its configuration, out-of-fold CV,
+training time, data and seed.
+
+:func:`verify` checks every listed file before a model is built from it and
+names every missing or altered file in one error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from nucleiseg.atomic import atomic_path
+from nucleiseg.config import load_config
+from nucleiseg.evaluation import evaluate_run
+from nucleiseg.folds import DEFAULT_FOLDS_PATH
+from nucleiseg.runs import CONFIG, EPOCHS_CSV, POSTPROCESS_YAML, RUN_INFO, WEIGHTS, fold_dirs
+
+WEIGHTS_DIR = Path("weights")
+MANIFEST = "manifest.yaml"
+_CHUNK = 1 << 20
+
+
+class ReferenceWeightsError(RuntimeError):
+    """A bundled file is missing or its content is not the one the manifest lists."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One fold model of the reference ensemble, as the manifest describes it.
+
+    Attributes:
+        run: Run name (its folder under ``weights/``).
+        family: Model family.
+        encoder: Encoder or backbone name.
+        fold: Fold the model did not train on.
+        config: Path of its full configuration, relative to the bundle.
+        weights: Path of its weights, relative to the bundle.
+        oof_cv: Mean AP of its out-of-fold predictions (its fold's images).
+        oof_images: Number of those images.
+        train_minutes: Wall time of its training epochs.
+        epochs: Epochs trained.
+        device: What trained it.
+        seed: Its training seed.
+        data: The dataset it trained on.
+    """
+
+    run: str
+    family: str
+    encoder: str
+    fold: int
+    config: str
+    weights: str
+    oof_cv: float
+    oof_images: int
+    train_minutes: float
+    epochs: int
+    device: str
+    seed: int
+    data: str
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(weights_dir: Path = WEIGHTS_DIR) -> dict[str, Any]:
+    """The bundle's manifest.
+
+    Raises:
+        ReferenceWeightsError: If there is no manifest or it lists no file.
+    """
+    path = Path(weights_dir) / MANIFEST
+    if not path.is_file():
+        raise ReferenceWeightsError(
+            f"{path} not found: the reference weights are not there. Restore them with "
+            "`git checkout -- weights` or pass --runs RUN_DIR to use your own runs."
+        )
+    manifest = yaml.safe_load(path.read_text()) or {}
+    if not manifest.get("files") or not manifest.get("members"):
+        raise ReferenceWeightsError(f"{path}: lists no files or no members")
+    return manifest
+
+
+def verify(weights_dir: Path = WEIGHTS_DIR) -> list[Path]:
+    """Check every file the manifest lists, then return the bundled run folders.
+
+    Args:
+        weights_dir: The bundle (default ``weights/``).
+
+    Returns:
+        The run folders of the ensemble, in manifest order.
+
+    Raises:
+        ReferenceWeightsError: Naming every file that is missing, has another
+            size or another sha256 than the manifest says.
+    """
+    weights_dir = Path(weights_dir)
+    manifest = read_manifest(weights_dir)
+    problems = []
+    for name, expected in manifest["files"].items():
+        path = weights_dir / name
+        if not path.is_file():
+            problems.append(f"missing: {path}")
+        elif path.stat().st_size != expected["bytes"]:
+            problems.append(
+                f"corrupt: {path} has {path.stat().st_size} bytes, the manifest {expected['bytes']}"
+            )
+        elif sha256(path) != expected["sha256"]:
+            problems.append(f"corrupt: {path} sha256 differs from the manifest")
+    if problems:
+        raise ReferenceWeightsError(
+            f"{weights_dir / MANIFEST}: {len(problems)} of {len(manifest['files'])} files "
+            "failed the check:\n  " + "\n  ".join(problems)
+        )
+    runs = dict.fromkeys(member["run"] for member in manifest["members"])
+    return [weights_dir / run for run in runs]
+
+
+def _member(run_dir: Path, fold: int, fold_dir: Path, oof_score: pd.Series) -> Member:
+    config = load_config(fold_dir / CONFIG)
+    info = yaml.safe_load((fold_dir / RUN_INFO).read_text())
+    epochs = pd.read_csv(fold_dir / EPOCHS_CSV)
+    return Member(
+        run=run_dir.name,
+        family=config.model,
+        encoder=config.encoder,
+        fold=fold,
+        config=f"{run_dir.name}/fold{fold}/{CONFIG}",
+        weights=f"{run_dir.name}/fold{fold}/{WEIGHTS}",
+        oof_cv=round(float(oof_score.mean()), 4),
+        oof_images=len(oof_score),
+        train_minutes=round(float(epochs["seconds"].sum()) / 60, 1),
+        epochs=len(epochs),
+        device=str(info.get("device", "unknown")),
+        seed=config.seed,
+        data=f"{info.get('data_dir', '?')}/stage1_train, every image outside fold {fold}",
+    )
+
+
+def export(
+    runs: Sequence[Path],
+    folds: Sequence[int] | None = None,
+    weights_dir: Path = WEIGHTS_DIR,
+    data_dir: Path | None = None,
+    folds_csv: Path = DEFAULT_FOLDS_PATH,
+    note: str = "",
+) -> dict[str, Any]:
+    """Copy the chosen fold models of finished runs into a bundle and write its manifest.
+
+    The bundle is assembled in a temporary folder beside ``weights_dir`` and
+    renamed into place at the end, so an interrupted export leaves the old
+    bundle as it was.
+
+    Args:
+        runs: Run folders, each with ``fold<K>/`` holding config.yaml, run.yaml,
+            epochs.csv and weights_fp16.pt.
+        folds: Folds to keep (default: every finished fold of each run).
+        weights_dir: The bundle to (re)write.
+        data_dir: Dataset with the true masks, to score each member's
+            out-of-fold labels (default: the one in the run's ``run.yaml``).
+        folds_csv: Folds file giving each image's fold and modality.
+        note: Free text kept in the manifest (e.g. the command that made it).
+
+    Returns:
+        The manifest written.
+
+    Raises:
+        FileNotFoundError: If a run has none of the folds asked for, or a
+            chosen fold has no out-of-fold labels to score.
+    """
+    weights_dir = Path(weights_dir)
+    staging = weights_dir.with_name(f".{weights_dir.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    members, files = [], {}
+    for run_dir in map(Path, runs):
+        chosen = {
+            k: d
+            for k, d in fold_dirs(run_dir).items()
+            if (d / WEIGHTS).is_file() and (folds is None or k in folds)
+        }
+        if not chosen:
+            raise FileNotFoundError(f"{run_dir}: no finished fold among {folds or 'all'}")
+        per_image = evaluate_run(run_dir, data_dir, folds_csv)
+        unscored = sorted(set(chosen) - set(per_image["fold"]))
+        if unscored:
+            raise FileNotFoundError(f"{run_dir}: folds {unscored} have no out-of-fold labels")
+        copies = [
+            (d / name, f"{run_dir.name}/fold{k}/{name}")
+            for k, d in chosen.items()
+            for name in (CONFIG, RUN_INFO, WEIGHTS)
+        ]
+        if (run_dir / POSTPROCESS_YAML).is_file():
+            copies.append((run_dir / POSTPROCESS_YAML, f"{run_dir.name}/{POSTPROCESS_YAML}"))
+        for source, name in copies:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, staging / name)
+            files[name] = {"bytes": source.stat().st_size, "sha256": sha256(staging / name)}
+        for k, d in chosen.items():
+            scores = per_image.loc[per_image["fold"] == k, "score"]
+            members.append(asdict(_member(run_dir, k, d, scores)))
+    manifest = {
+        "note": note,
+        "total_megabytes": round(sum(f["bytes"] for f in files.values()) / 1e6, 1),
+        "members": members,
+        "files": files,
+    }
+    with atomic_path(staging / MANIFEST) as tmp:
+        tmp.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    old = weights_dir.with_name(f".{weights_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if weights_dir.exists():
+        weights_dir.rename(old)
+    staging.rename(weights_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return manifest
