@@ -70,7 +70,9 @@ def main(args: argparse.Namespace) -> float:
     train_images = data.find_images(args.data_dir / data.TRAIN_STAGE)
     fold_of = fold_assignment(args.folds_csv, train_images).set_index("image_id")["fold"]
     for fold in sorted(set(fold_of)):
-        write_run_info(args.oof_dir / f"fold{fold}", fold=fold, data_dir=args.data_dir, device=device)
+        write_run_info(
+            args.oof_dir / f"fold{fold}", fold=fold, data_dir=args.data_dir, device=device
+        )
 
     def save(image_id: str, image: np.ndarray, labels: np.ndarray) -> None:
         oof.save_prediction(args.oof_dir / f"fold{fold_of[image_id]}", image_id, None, labels)

@@ -298,6 +298,28 @@ def test_quickstart_scores_each_image_with_its_own_fold(trained_run, bundle, tmp
     assert len(list((tmp_path / "overlays").glob("*.png"))) == N_IMAGES
 
 
+@pytest.mark.slow
+def test_reproduce_cv_rescores_quoted_numbers_and_names_the_wrong_ones(trained_run, tmp_path):
+    run_dir, data_dir, folds_csv = trained_run
+    cv = run_script("evaluate_oof", [run_dir, "--folds-csv", folds_csv])
+    reported = tmp_path / "reported.yaml"
+    entries = [{"name": "tiny", "oof": str(run_dir), "cv": round(cv, 4), "made_by": "train"}]
+    reported.write_text(yaml.safe_dump({"data_dir": str(data_dir), "entries": entries}))
+    argv = ["--reported", reported, "--folds-csv", folds_csv, "--out", tmp_path / "reported.csv"]
+    table = run_script("reproduce_cv", argv)
+    assert table.loc[0, "cv"] == pytest.approx(cv) and table.loc[0, "images"] == N_IMAGES
+    assert pd.read_csv(tmp_path / "reported.csv")["name"].tolist() == ["tiny"]
+    entries += [
+        {"name": "misquoted", "oof": str(run_dir), "cv": round(cv, 4) + 0.01},
+        {"name": "gone", "oof": str(tmp_path / "nowhere"), "cv": 0.5},
+    ]
+    reported.write_text(yaml.safe_dump({"data_dir": str(data_dir), "entries": entries}))
+    with pytest.raises(SystemExit) as error:
+        run_script("reproduce_cv", argv)
+    assert "misquoted: CV" in str(error.value) and "gone: " in str(error.value)
+    assert "tiny" not in str(error.value)
+
+
 def test_coordinate_search_recovers_a_good_threshold():
     labels = np.zeros((48, 48), np.int32)
     for label, center in enumerate([(12, 12), (12, 34), (34, 22)], start=1):

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from nucleiseg import data, oof
 from nucleiseg.atomic import atomic_path
 from nucleiseg.ensemble import labels_from_raws
+from nucleiseg.evaluation import cv_summary
 from nucleiseg.family import Params, get_family, params_by_family, run_config
 from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
 from nucleiseg.inference import InferenceOptions, load_fold_models
@@ -288,9 +289,7 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
         per_run = {run: raws[(run, key)] for run in variant.runs}
         scores, instance_seconds = score_variant(variant, per_run, truth, workers)
         scores["modality"] = scores["image_id"].map(modality)
-        row = {"variant": variant.name, "images": len(scores), "cv": scores["score"].mean()}
-        for name in MODALITIES:
-            row[name] = scores.loc[scores["modality"] == name, "score"].mean()
+        row = {"variant": variant.name, **cv_summary(scores)}
         row["seconds_per_image"] = (
             sum(model_seconds[(run, key)] for run in variant.runs) + instance_seconds
         )

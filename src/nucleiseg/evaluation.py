@@ -10,6 +10,7 @@ import pandas as pd
 
 from nucleiseg import data, oof
 from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
+from nucleiseg.modality import MODALITIES
 from nucleiseg.runs import read_run_info
 from nucleiseg.submission import score_submission
 
@@ -109,6 +110,18 @@ def evaluate_run(
     truth = {image_id: data.labels_of(images[image_id]) for image_id in predictions}
     modalities = fold_assignment(folds_csv, predictions).set_index("image_id")["modality"]
     return score_oof(predictions, truth, modalities.to_dict())
+
+
+def cv_summary(per_image: pd.DataFrame) -> dict[str, float]:
+    """One leaderboard row's numbers: images, CV and mean AP of each modality (NaN if absent).
+
+    Args:
+        per_image: One row per image with the columns ``modality`` and ``score``.
+    """
+    row = {"images": len(per_image), "cv": float(per_image["score"].mean())}
+    for name in MODALITIES:
+        row[name] = float(per_image.loc[per_image["modality"] == name, "score"].mean())
+    return row
 
 
 def print_cv_report(per_image: pd.DataFrame) -> float:

@@ -1,0 +1,115 @@
+"""Draw the ablation leaderboards and the CV per modality as PNG figures.
+
+    python scripts/plot_results.py
+    python scripts/plot_results.py --results ablations/results --out-dir ablations/results
+
+Reads the leaderboards ``scripts/ablate.py`` wrote (``<results>/*.csv`` with a
+``variant`` column) and the re-scored README numbers of
+``scripts/reproduce_cv.py`` (``<results>/reported.csv``), and writes
+``leaderboard.png`` (one panel per ablation: each variant's CV, best first,
+with the baseline marked) and ``cv_by_modality.png`` (each reported result's
+CV overall and per modality). Nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from nucleiseg.atomic import atomic_path
+from nucleiseg.modality import MODALITIES
+
+REPORTED = "reported.csv"
+LEADERBOARD_PNG = "leaderboard.png"
+MODALITY_PNG = "cv_by_modality.png"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=Path("ablations/results"))
+    parser.add_argument("--out-dir", type=Path, help="where the PNGs go (default: --results)")
+    return parser
+
+
+def read_leaderboards(results: Path) -> dict[str, pd.DataFrame]:
+    """Each ablation's leaderboard (CSV with ``variant`` and ``cv``), by ablation name."""
+    boards = {}
+    for path in sorted(results.glob("*.csv")):
+        table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        if {"variant", "cv", "delta"} <= set(table.columns):
+            boards[path.stem] = table
+    return boards
+
+
+def _colour(delta: float) -> str:
+    return "0.6" if delta == 0 else ("tab:green" if delta > 0 else "tab:red")
+
+
+def plot_leaderboards(boards: dict[str, pd.DataFrame], path: Path) -> None:
+    """One horizontal bar panel per ablation, best variant on top, baseline in grey."""
+    heights = [max(len(b), 2) * 0.32 + 0.9 for b in boards.values()]
+    figure = Figure(figsize=(8, sum(heights)), layout="tight")
+    axes = figure.subplots(len(boards), 1, height_ratios=heights, squeeze=False)
+    for axis, (name, board) in zip(axes[:, 0], boards.items(), strict=True):
+        ranked = board.sort_values("cv")
+        colours = [_colour(delta) for delta in ranked["delta"]]
+        axis.barh(ranked["variant"], ranked["cv"], color=colours)
+        for y, (cv, delta) in enumerate(zip(ranked["cv"], ranked["delta"], strict=True)):
+            axis.text(cv, y, f" {cv:.4f} ({delta:+.4f})", va="center", fontsize=8)
+        low, high = ranked["cv"].min(), ranked["cv"].max()
+        margin = max(high - low, 0.01)
+        axis.set_xlim(max(0.0, low - margin), high + 0.6 * margin)
+        axis.set_title(f"{name}: out-of-fold CV (grey = baseline)", fontsize=10, loc="left")
+        axis.tick_params(labelsize=8)
+    _save(figure, path)
+
+
+def plot_modalities(reported: pd.DataFrame, path: Path) -> None:
+    """Grouped bars: each reported result's CV overall and per modality."""
+    groups = ["cv", *MODALITIES]
+    x = np.arange(len(groups))
+    width = 0.8 / max(len(reported), 1)
+    figure = Figure(
+        figsize=(max(6.0, 0.9 * len(groups) * max(len(reported), 2)), 4), layout="tight"
+    )
+    axis = figure.subplots()
+    for i, (_, row) in enumerate(reported.iterrows()):
+        values = [row[g] for g in groups]
+        bars = axis.bar(x + (i - (len(reported) - 1) / 2) * width, values, width, label=row["name"])
+        axis.bar_label(bars, fmt="%.3f", fontsize=7)
+    axis.set_xticks(x, ["all images", *MODALITIES])
+    axis.set_ylabel("mean AP, out of fold")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=8, loc="upper right")
+    axis.set_title("CV per modality", fontsize=10, loc="left")
+    _save(figure, path)
+
+
+def _save(figure: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=110)
+
+
+def main(args: argparse.Namespace) -> list[Path]:
+    out_dir = args.out_dir or args.results
+    written = []
+    boards = read_leaderboards(args.results)
+    if boards:
+        plot_leaderboards(boards, out_dir / LEADERBOARD_PNG)
+        written.append(out_dir / LEADERBOARD_PNG)
+    if (args.results / REPORTED).is_file():
+        plot_modalities(pd.read_csv(args.results / REPORTED), out_dir / MODALITY_PNG)
+        written.append(out_dir / MODALITY_PNG)
+    if not written:
+        raise SystemExit(f"{args.results}: no leaderboard CSV and no {REPORTED} to draw")
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
