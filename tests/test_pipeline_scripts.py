@@ -1,6 +1,7 @@
 """The training, evaluation, tuning and prediction scripts, end to end on a tiny dataset."""
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -199,6 +200,27 @@ def test_ablation_leaderboard_scores_variants_from_cached_outputs(trained_run, t
     again = run_script("ablate", argv + ["--device", "cpu"])
     assert [t.stat().st_mtime_ns for t in timings] == stamps
     pd.testing.assert_series_equal(again["cv"], results["cv"])
+
+
+@pytest.mark.slow
+def test_ablation_rows_share_the_images_of_the_folds_every_run_finished(trained_run, tmp_path):
+    run_dir, data_dir, folds_csv = trained_run
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir / "fold0", partial / "fold0")
+    if (run_dir / runs.POSTPROCESS_YAML).is_file():
+        shutil.copy(run_dir / runs.POSTPROCESS_YAML, partial)
+    config = tmp_path / "partial.yaml"
+    variants = [{"name": "all folds", "runs": [str(run_dir)]}, {"name": "fold 0 only"}]
+    variants[1]["runs"] = [str(partial)]
+    files = {"data_dir": str(data_dir), "folds_csv": str(folds_csv), "variants": variants}
+    config.write_text(yaml.safe_dump(files))
+    argv = ["--config", config, "--out-dir", tmp_path / "results", "--device", "cpu"]
+    results = run_script("ablate", argv).set_index("variant")
+    # The same model on the same three images of fold 0: the same score, delta 0.
+    assert results["images"].tolist() == [3, 3]
+    assert results.loc["fold 0 only", "cv"] == results.loc["all folds", "cv"]
+    config.write_text(yaml.safe_dump(files | {"folds": [1], "variants": variants[:1]}))
+    assert run_script("ablate", argv)["images"].tolist() == [3]
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import multiprocessing
 import time
 from collections.abc import Mapping, Sequence
@@ -40,11 +41,13 @@ from nucleiseg.metric import average_precision
 from nucleiseg.modality import MODALITIES
 from nucleiseg.runs import read_run_info
 
+log = logging.getLogger(__name__)
+
 CACHE_DIR = "cache"
 TIMING = "timing.json"
 _OPTION_KEYS = {f.name for f in dataclasses.fields(InferenceOptions)}
 _VARIANT_KEYS = {"name", "runs", "postprocess", "instances", "command"} | _OPTION_KEYS
-_FILE_KEYS = {"name", "data_dir", "folds_csv", "baseline", "defaults", "variants"}
+_FILE_KEYS = {"name", "data_dir", "folds_csv", "folds", "baseline", "defaults", "variants"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Ablation:
     folds_csv: Path
     baseline: str
     variants: tuple[Variant, ...]
+    folds: tuple[int, ...] | None = None
 
 
 def _variant(values: Mapping[str, Any], where: str) -> Variant:
@@ -108,8 +112,10 @@ def load_ablation(path: str | Path) -> Ablation:
     The file holds ``variants`` (a list of mappings with ``name``, ``runs`` and
     any of the :class:`nucleiseg.inference.InferenceOptions` fields, plus
     ``postprocess`` / ``instances`` threshold overrides), ``defaults`` merged
-    into every variant, ``data_dir``, ``folds_csv``, and ``baseline`` (the
-    variant the deltas are taken against; the first one by default).
+    into every variant, ``data_dir``, ``folds_csv``, ``folds`` (score only
+    these folds' images; default: those every variant's runs have finished),
+    and ``baseline`` (the variant the deltas are taken against; the first one
+    by default).
 
     Raises:
         ValueError: On an unknown key, naming it and where it is.
@@ -139,6 +145,7 @@ def load_ablation(path: str | Path) -> Ablation:
         folds_csv=Path(values.get("folds_csv", DEFAULT_FOLDS_PATH)),
         baseline=baseline,
         variants=variants,
+        folds=tuple(int(k) for k in values["folds"]) if values.get("folds") is not None else None,
     )
 
 
@@ -156,12 +163,17 @@ def views_key(options: InferenceOptions) -> str:
 
 
 def run_raws(
-    run_dir: Path, options: InferenceOptions, data_dir: Path, device: torch.device
+    run_dir: Path,
+    options: InferenceOptions,
+    data_dir: Path,
+    device: torch.device,
+    folds: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], float]:
     """A run's out-of-fold raw outputs under some views, from the cache or computed now.
 
     Each fold's models predict the images that fold held out (its
     ``oof/labels``); a fold's cache is complete once its ``timing.json`` exists.
+    ``folds`` limits this to some folds (default: every finished one).
 
     Returns:
         Image id -> raw output, and the model seconds per image.
@@ -172,6 +184,8 @@ def run_raws(
     raws: dict[str, Any] = {}
     seconds = count = 0.0
     for fold, fold_dir in oof.oof_fold_dirs(run_dir).items():
+        if folds is not None and fold not in folds:
+            continue
         cache = run_dir / CACHE_DIR / views_key(options) / f"fold{fold}"
         if not (cache / TIMING).is_file():
             _predict_fold(run_dir, fold, fold_dir, cache, images, options, device)
@@ -233,7 +247,7 @@ def score_variant(
     truth: Mapping[str, np.ndarray],
     workers: int = 2,
 ) -> tuple[pd.DataFrame, float]:
-    """Mean AP per image of a variant, on the images every one of its runs predicted.
+    """Mean AP per image of a variant, on the images of ``truth`` that its runs predicted.
 
     Returns:
         Frame with image_id and score, and the instance step's seconds per
@@ -242,7 +256,7 @@ def score_variant(
     per_family: dict[str, list] = {}
     for run in variant.runs:
         per_family.setdefault(run_config(run).model, []).append(raws_by_run[run])
-    ids = sorted(set.intersection(*(set(raws_by_run[run]) for run in variant.runs)))
+    ids = sorted(set(truth).intersection(*(set(raws_by_run[run]) for run in variant.runs)))
     _JOBS.update(
         raws=per_family, params=variant_params(variant), options=variant.options, truth=truth
     )
@@ -276,9 +290,20 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
             key = (run, views_key(variant.options))
             if key not in raws:
                 raws[key], model_seconds[key] = run_raws(
-                    run, variant.options, ablation.data_dir, device
+                    run, variant.options, ablation.data_dir, device, ablation.folds
                 )
-    ids = sorted(set().union(*(set(r) for r in raws.values())))
+    # Every row is scored on the same images: those all variants' runs predicted
+    # (a training-time ablation may have finished only some folds so far).
+    covered = [
+        set.intersection(*(set(raws[(run, views_key(v.options))]) for run in v.runs))
+        for v in ablation.variants
+    ]
+    ids = sorted(set.intersection(*covered))
+    if not ids:
+        raise ValueError(f"{ablation.name}: the variants' runs share no out-of-fold image")
+    left_out = len(set.union(*covered)) - len(ids)
+    if left_out:
+        log.warning("%d images are left out: not every variant's runs predicted them", left_out)
     images = data.find_images(ablation.data_dir / data.TRAIN_STAGE)
     truth = {i: data.labels_of(images[i]) for i in tqdm(ids, desc="truth", unit="image")}
     modality = fold_assignment(ablation.folds_csv, ids).set_index("image_id")["modality"]
