@@ -41,7 +41,7 @@ def read_leaderboards(results: Path) -> dict[str, pd.DataFrame]:
     for path in sorted(results.glob("*.csv")):
         table = pd.read_csv(path, keep_default_na=False, na_values=[""])
         if {"variant", "cv", "delta"} <= set(table.columns):
-            boards[path.stem] = table
+            boards[path.stem] = table[table["cv"].notna()]  # not those waiting for runs
     return boards
 
 

@@ -207,3 +207,19 @@ def test_load_samples(tmp_path):
     assert [s.image_id for s in load_samples(tmp_path)] == ["a", "b"]
     with pytest.raises(DataError, match="missing"):
         load_samples(tmp_path, ["a", "missing"])
+
+
+def test_without_colour_steps_pixels_are_only_moved():
+    labels = _discs((96, 96), [(30, 30), (60, 62)], radius=12)
+    image = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    views = [np.rot90(v, k) for v in (image, image[:, ::-1]) for k in range(4)]
+
+    def moved(crop):  # a crop of one of the 8 flipped or rotated copies, pixel for pixel
+        # Squared differences summed in float32: an exact match leaves rounding
+        # error in the tens, any other placement ~1e8 on this random image.
+        return any(cv2.matchTemplate(v, crop, cv2.TM_SQDIFF).min() < 1000 for v in views)
+
+    geometric = train_transform(64, scale_range=(1.0, 1.0), colour=False)
+    coloured = train_transform(64, scale_range=(1.0, 1.0))
+    assert all(moved(_run(geometric, image, labels, seed)["image"]) for seed in range(20))
+    assert not all(moved(_run(coloured, image, labels, seed)["image"]) for seed in range(20))

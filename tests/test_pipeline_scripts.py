@@ -219,6 +219,13 @@ def test_ablation_rows_share_the_images_of_the_folds_every_run_finished(trained_
     # The same model on the same three images of fold 0: the same score, delta 0.
     assert results["images"].tolist() == [3, 3]
     assert results.loc["fold 0 only", "cv"] == results.loc["all folds", "cv"]
+    untrained = {"name": "untrained", "runs": [str(tmp_path / "untrained")], "command": "train it"}
+    config.write_text(yaml.safe_dump(files | {"variants": [*variants, untrained]}))
+    results = run_script("ablate", argv).set_index("variant")
+    assert results.loc["untrained", "images"] == 0 and np.isnan(results.loc["untrained", "cv"])
+    markdown = (tmp_path / "results" / "partial.md").read_text()
+    assert "Waiting for their runs (no finished fold yet):\n\n- untrained: `train it`" in markdown
+    assert "| untrained |" not in markdown
     config.write_text(yaml.safe_dump(files | {"folds": [1], "variants": variants[:1]}))
     assert run_script("ablate", argv)["images"].tolist() == [3]
 

@@ -13,7 +13,7 @@ from nucleiseg.data import Sample
 from nucleiseg.dataset import to_tensor
 from nucleiseg.family import get_family
 from nucleiseg.inference import predict_probabilities
-from nucleiseg.losses import bce_dice_loss
+from nucleiseg.losses import bce_dice_loss, get_loss
 from nucleiseg.models import build_model, load_weights
 from nucleiseg.targets import make_targets
 from nucleiseg.tiling import pad_to_stride
@@ -44,6 +44,23 @@ def test_bce_dice_is_low_for_right_and_high_for_wrong_logits():
     right = bce_dice_loss(20 * (2 * targets - 1), targets)
     wrong = bce_dice_loss(-20 * (2 * targets - 1), targets)
     assert right.item() < 0.01 and wrong.item() > 10
+
+
+def test_bce_is_bce_dice_without_its_dice_term():
+    targets = torch.zeros(2, 3, 8, 8)
+    targets[:, :, 2:6, 2:6] = 1
+    logits = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    probabilities = torch.sigmoid(logits)
+    inter = (probabilities * targets).sum((0, 2, 3))
+    dice = 1 - (2 * inter + 1) / (probabilities.sum((0, 2, 3)) + targets.sum((0, 2, 3)) + 1)
+    bce = get_loss("bce")(logits, targets)
+    assert bce.item() == pytest.approx(
+        float(-(targets * probabilities.log() + (1 - targets) * (1 - probabilities).log()).mean()),
+        rel=1e-5,
+    )
+    assert bce_dice_loss(logits, targets).item() == pytest.approx(
+        bce.item() + dice.mean().item(), rel=1e-6
+    )
 
 
 def test_config_yaml_then_overrides_and_unknown_keys(tmp_path):

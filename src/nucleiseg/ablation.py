@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from nucleiseg import data, oof
 from nucleiseg.atomic import atomic_path
+from nucleiseg.data import DataError
 from nucleiseg.ensemble import labels_from_raws
 from nucleiseg.evaluation import cv_summary
 from nucleiseg.family import Params, get_family, params_by_family, run_config
@@ -162,6 +163,13 @@ def views_key(options: InferenceOptions) -> str:
     return f"{options.tta}_x{scales}_{tile}_{vote}"
 
 
+def _has_finished_fold(run_dir: Path) -> bool:
+    try:
+        return bool(oof.oof_fold_dirs(run_dir))
+    except (DataError, FileNotFoundError):
+        return False
+
+
 def run_raws(
     run_dir: Path,
     options: InferenceOptions,
@@ -283,9 +291,15 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
     baseline's), seconds_per_image (model views + instance step, one image at
     a time on this machine), command.
     """
+    ready = [v for v in ablation.variants if all(_has_finished_fold(r) for r in v.runs)]
+    pending = [v for v in ablation.variants if v not in ready]
+    if ablation.baseline in {v.name for v in pending}:
+        raise ValueError(f"{ablation.name}: baseline {ablation.baseline!r} has no finished fold")
+    for variant in pending:
+        log.warning("%s: waiting for its runs (no finished fold yet)", variant.name)
     raws: dict[tuple[Path, str], dict] = {}
     model_seconds: dict[tuple[Path, str], float] = {}
-    for variant in ablation.variants:
+    for variant in ready:
         for run in variant.runs:
             key = (run, views_key(variant.options))
             if key not in raws:
@@ -295,8 +309,7 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
     # Every row is scored on the same images: those all variants' runs predicted
     # (a training-time ablation may have finished only some folds so far).
     covered = [
-        set.intersection(*(set(raws[(run, views_key(v.options))]) for run in v.runs))
-        for v in ablation.variants
+        set.intersection(*(set(raws[(run, views_key(v.options))]) for run in v.runs)) for v in ready
     ]
     ids = sorted(set.intersection(*covered))
     if not ids:
@@ -310,6 +323,9 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
 
     rows = []
     for variant in ablation.variants:
+        if variant in pending:
+            rows.append({"variant": variant.name, "images": 0, "command": variant.command})
+            continue
         key = views_key(variant.options)
         per_run = {run: raws[(run, key)] for run in variant.runs}
         scores, instance_seconds = score_variant(variant, per_run, truth, workers)
@@ -320,15 +336,20 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
         )
         row["command"] = variant.command
         rows.append(row)
-    results = pd.DataFrame(rows)
+    results = pd.DataFrame(rows).reindex(columns=rows[0].keys())
     baseline = results.loc[results["variant"] == ablation.baseline, "cv"].iloc[0]
     results.insert(3, "delta", results["cv"] - baseline)
     return results
 
 
 def leaderboard_markdown(results: pd.DataFrame, title: str, command: str) -> str:
-    """The results as a Markdown table, best CV first, with the command that made them."""
-    ranked = results.sort_values("cv", ascending=False)
+    """The results as a Markdown table, best CV first, with the command that made them.
+
+    Variants still waiting for their runs (no CV yet) are listed after the
+    table with the command that trains them.
+    """
+    waiting = results[results["cv"].isna()]
+    ranked = results[results["cv"].notna()].sort_values("cv", ascending=False)
     header = ["variant", "images", "CV", "delta", *MODALITIES, "s / image"]
     lines = [
         f"# {title}",
@@ -352,4 +373,7 @@ def leaderboard_markdown(results: pd.DataFrame, title: str, command: str) -> str
     if len(commands):
         lines += ["", "Runs:", ""]
         lines += [f"- {row['variant']}: `{row['command']}`" for _, row in commands.iterrows()]
+    if len(waiting):
+        lines += ["", "Waiting for their runs (no finished fold yet):", ""]
+        lines += [f"- {row['variant']}: `{row['command']}`" for _, row in waiting.iterrows()]
     return "\n".join(lines) + "\n"

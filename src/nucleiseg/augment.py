@@ -131,7 +131,9 @@ def _window(
     return out
 
 
-def train_transform(crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0)) -> A.Compose:
+def train_transform(
+    crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0), colour: bool = True
+) -> A.Compose:
     """The training pipeline for an RGB uint8 image and its int32 label image.
 
     Call it as ``transform(image=image, mask=labels)``; the result's ``image``
@@ -141,14 +143,18 @@ def train_transform(crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0
     Args:
         crop_size: Side of the output crops in pixels.
         scale_range: Range of the random rescaling before cropping.
+        colour: Apply the colour, inversion, blur and noise steps; without
+            them only the scaled crop and D4 remain (an ablation).
 
     Returns:
         The albumentations pipeline; seed it per item with ``set_random_state``.
     """
+    geometric = [ScaledRandomCrop(crop_size, scale_range), A.D4(p=1.0)]
+    if not colour:
+        return A.Compose(geometric)
     return A.Compose(
         [
-            ScaledRandomCrop(crop_size, scale_range),
-            A.D4(p=1.0),
+            *geometric,
             A.InvertImg(p=0.2),
             A.ChannelShuffle(p=0.2),
             A.ToGray(num_output_channels=3, p=0.1),

@@ -40,6 +40,8 @@ class TrainConfig:
         batch_size: Crops per optimisation step.
         crop_size: Side of the square training crops, in pixels.
         scale_range: Range of the random rescaling before cropping.
+        colour_augment: Use the colour, inversion, blur and noise steps of
+            :func:`nucleiseg.augment.train_transform` (off: crops and D4 only).
         modality_weights: Relative sampling weight of an image of each modality;
             the rarer kinds are drawn more often than their share of the data.
         lr: Peak learning rate of AdamW.
@@ -52,7 +54,7 @@ class TrainConfig:
         num_workers: DataLoader worker processes.
         loss: Loss of the semantic family: ``bce_dice`` is per-channel sigmoid
             binary cross-entropy plus soft Dice, each channel a separate binary map
-            (body, border and separation overlap, so no softmax).
+            (body, border and separation overlap, so no softmax); ``bce`` drops the Dice.
         seed: Seed of weights, crops and augmentation.
         targets: How the training targets are drawn.
         postprocess: U-Net++ probabilities -> instances thresholds used for
@@ -72,6 +74,7 @@ class TrainConfig:
     batch_size: int = 8
     crop_size: int = 256
     scale_range: tuple[float, float] = (0.6, 1.6)
+    colour_augment: bool = True
     modality_weights: dict[str, float] = field(
         default_factory=lambda: {FLUORESCENCE: 1.0, BRIGHTFIELD: 3.0, TISSUE: 2.0}
     )

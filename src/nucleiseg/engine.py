@@ -224,7 +224,7 @@ def train_fold(
     family = trainer.family
     dataset = NucleiDataset(
         [family.prepare(s, config) for s in train_samples],
-        transform=train_transform(config.crop_size, config.scale_range),
+        transform=train_transform(config.crop_size, config.scale_range, config.colour_augment),
         samples_per_epoch=trainer.steps_per_epoch * config.batch_size,
         target_fn=family.target_fn(config),
         probabilities=sample_weights(

@@ -36,8 +36,14 @@ def bce_dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0)
     return bce + dice.mean()
 
 
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-channel sigmoid binary cross-entropy alone (the Dice ablation)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+
+
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "bce_dice": bce_dice_loss
+    "bce_dice": bce_dice_loss,
+    "bce": bce_loss,
 }
 
 
