@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -148,12 +149,18 @@ class Trainer:
             progress.set_postfix(loss=f"{total / count:.4f}")
         return total / max(count, 1)
 
-    def predict(self, sample: Sample):
-        """The family's raw output for a whole image (the family puts the model in eval mode)."""
-        return self.family.predict(self.model, sample.image, self.config, self.device)
+    def validate(
+        self,
+        samples: Sequence[Sample],
+        on_prediction: Callable[[Sample, Any, np.ndarray], None] | None = None,
+    ) -> tuple[float, float]:
+        """Mean loss and mean AP (competition metric, after postprocessing) on whole images.
 
-    def validate(self, samples: Sequence[Sample]) -> tuple[float, float]:
-        """Mean loss and mean AP (competition metric, after postprocessing) on whole images."""
+        Args:
+            samples: Labelled whole images.
+            on_prediction: Called with each sample, the family's raw output
+                (the same as :meth:`predict` gives) and its label image.
+        """
         params = self.family.params(self.config)
         losses, scores = [], []
         for sample in tqdm(samples, desc="validate", unit="image", leave=False):
@@ -161,6 +168,8 @@ class Trainer:
             losses.append(loss)
             labels = self.family.to_labels(raw, params)
             scores.append(average_precision(sample.labels, labels).score)
+            if on_prediction is not None:
+                on_prediction(sample, raw, labels)
         return float(np.mean(losses)), float(np.mean(scores))
 
 
@@ -232,6 +241,10 @@ def train_fold(
         ),
         seed=config.seed,
     )
+
+    def save_oof(sample: Sample, raw: Any, labels: np.ndarray) -> None:
+        family.save_oof(out_dir, sample.image_id, raw, labels)
+
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         dataset.set_epoch(epoch)
@@ -251,7 +264,16 @@ def train_fold(
             "val_map": float("nan"),
             "lr": trainer.scheduler.get_last_lr()[0],
         }
-        if (epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs:
+        if epoch + 1 == config.epochs:
+            # Out-of-fold predictions come from the last epoch, not the best one:
+            # picking the epoch by its validation score would tune on the held-out
+            # images. They are made with the weights as kept (rounded to float16),
+            # so that the committed weights reproduce them exactly
+            # (scripts/predict.py --oof), in the last validation pass itself.
+            save_compact_weights(trainer.model, out_dir / WEIGHTS)
+            load_weights(trainer.model, out_dir / WEIGHTS)
+            row["val_loss"], row["val_map"] = trainer.validate(val_samples, save_oof)
+        elif (epoch + 1) % config.val_every == 0:
             row["val_loss"], row["val_map"] = trainer.validate(val_samples)
         row["seconds"] = time.perf_counter() - started
         row["peak_memory_mb"] = peak_memory_mb(device)
@@ -271,16 +293,6 @@ def train_fold(
         _save(state, last_path)
         _write_history(history, out_dir / EPOCHS_CSV)
 
-    save_compact_weights(trainer.model, out_dir / WEIGHTS)
-    # Out-of-fold predictions come from the last epoch, not the best one: picking
-    # the epoch by its validation score would tune on the held-out images. They are
-    # made with the weights as kept (rounded to float16), so that the committed
-    # weights reproduce them exactly (scripts/predict.py --oof).
-    load_weights(trainer.model, out_dir / WEIGHTS)
-    params = family.params(config)
-    for sample in tqdm(val_samples, desc="out-of-fold", unit="image"):
-        raw = trainer.predict(sample)
-        family.save_oof(out_dir, sample.image_id, raw, family.to_labels(raw, params))
     return trainer.model
 
 
