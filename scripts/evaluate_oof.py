@@ -1,10 +1,11 @@
 """Recompute the cross-validation score of a run from its saved out-of-fold predictions.
 
     python scripts/evaluate_oof.py runs/unetpp_effb0
-    python scripts/evaluate_oof.py runs/unetpp_effb0 --per-image oof.csv
+    python scripts/evaluate_oof.py runs/unetpp_effb0 --per-image oof.csv --markdown
 
 No model and no GPU: it reads ``fold<K>/oof/labels/*.png`` and the true masks,
-prints the score per fold and per modality, and ends with ``cv: <value>``.
+prints the score per fold and per modality (with ``--markdown`` also as the
+README's table), and ends with ``cv: <value>``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 from pathlib import Path
 
 from nucleiseg.atomic import atomic_path
-from nucleiseg.evaluation import evaluate_run, print_cv_report
+from nucleiseg.evaluation import evaluate_run, markdown_table, print_cv_report
 
 log = logging.getLogger("evaluate_oof")
 
@@ -27,6 +28,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--folds-csv", type=Path, default=Path("folds/folds.csv"))
     parser.add_argument("--per-image", type=Path, help="write per-image scores to this CSV")
+    parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     return parser
 
 
@@ -35,6 +37,8 @@ def main(args: argparse.Namespace) -> float:
     if args.per_image:
         with atomic_path(args.per_image) as tmp:
             per_image.to_csv(tmp, index=False)
+    if args.markdown:
+        print(markdown_table(per_image), end="\n\n")
     return print_cv_report(per_image)
 
 

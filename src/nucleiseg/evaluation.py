@@ -124,6 +124,26 @@ def cv_summary(per_image: pd.DataFrame) -> dict[str, float]:
     return row
 
 
+def markdown_table(per_image: pd.DataFrame) -> str:
+    """Per-fold and overall mean AP with each modality's mean and image count, as Markdown.
+
+    Args:
+        per_image: One row per image with the columns ``fold``, ``modality`` and ``score``.
+    """
+    lines = [
+        "| folds | images | mean AP | " + " | ".join(MODALITIES) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in MODALITIES) + " |",
+    ]
+    groups = [(f"fold {k}", rows) for k, rows in per_image.groupby("fold")]
+    for name, rows in [*groups, ("all (CV)", per_image)]:
+        cells = [name, str(len(rows)), f"{rows['score'].mean():.4f}"]
+        for modality in MODALITIES:
+            scores = rows.loc[rows["modality"] == modality, "score"]
+            cells.append(f"{scores.mean():.4f} ({len(scores)})" if len(scores) else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def print_cv_report(per_image: pd.DataFrame) -> float:
     """Print the per-fold and per-modality tables, then ``cv: <value>``; return the CV."""
     print(fold_table(per_image).to_string(float_format="%.4f"))
