@@ -2,10 +2,11 @@
 
     python scripts/export_weights.py --runs runs/unetpp_effb0 --data-dir ../shared/data/dsb2018
     python scripts/export_weights.py --runs runs/unetpp_effb0 runs/maskrcnn_r18 \
-        --folds 0,1,2,3,4 --max-megabytes 100
+        --folds 0,1,2,3 --precision int8 --max-megabytes 100
 
-Copies each chosen fold's config.yaml, run.yaml and fp16 weights (and the run's
-tuned postprocess.yaml) into ``--out`` in the run layout, scores each fold's
+Copies each chosen fold's config.yaml, run.yaml and weights (float16 as
+trained, or int8 with ``--precision int8``) and the run's tuned
+postprocess.yaml into ``--out`` in the run layout, scores each fold's
 out-of-fold labels, and writes ``manifest.yaml`` with every file's size and
 sha256 and every member's CV, training time, data and seed. Refuses a bundle
 larger than ``--max-megabytes``. The old bundle stays in place until the new
@@ -21,9 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from nucleiseg.compact import PRECISIONS
 from nucleiseg.folds import DEFAULT_FOLDS_PATH
 from nucleiseg.reference import WEIGHTS_DIR, export
-from nucleiseg.runs import WEIGHTS, fold_dirs
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -33,27 +34,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="bundle folder")
     parser.add_argument("--data-dir", type=Path, help="dataset (default: the runs')")
     parser.add_argument("--folds-csv", type=Path, default=DEFAULT_FOLDS_PATH)
+    parser.add_argument("--precision", default="float16", choices=PRECISIONS)
     parser.add_argument("--max-megabytes", type=float, default=100.0)
     return parser
 
 
 def main(args: argparse.Namespace) -> dict:
     folds = [int(k) for k in args.folds.split(",")] if args.folds else None
-    size = sum(
-        (d / WEIGHTS).stat().st_size
-        for run in args.runs
-        for k, d in fold_dirs(run).items()
-        if (d / WEIGHTS).is_file() and (folds is None or k in folds)
-    )
-    if size / 1e6 > args.max_megabytes:
-        raise SystemExit(
-            f"the chosen weights take {size / 1e6:.1f} MB, over --max-megabytes "
-            f"{args.max_megabytes:g}: keep fewer folds or lighter models"
-        )
     command = "python scripts/export_weights.py " + shlex.join(sys.argv[1:])
-    manifest = export(args.runs, folds, args.out, args.data_dir, args.folds_csv, note=command)
+    try:
+        manifest = export(
+            args.runs,
+            folds,
+            args.out,
+            args.data_dir,
+            args.folds_csv,
+            args.precision,
+            args.max_megabytes,
+            note=command,
+        )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     members = pd.DataFrame(manifest["members"])
-    columns = ["run", "fold", "oof_cv", "oof_images", "train_minutes", "epochs", "device"]
+    columns = ["run", "fold", "precision", "oof_cv", "oof_images", "train_minutes", "epochs"]
     print(members[columns].to_string(index=False))
     print(f"{len(manifest['files'])} files, {manifest['total_megabytes']} MB -> {args.out}")
     return manifest

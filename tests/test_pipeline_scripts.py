@@ -266,8 +266,36 @@ def test_export_bundles_every_fold_with_its_cv_and_checksums(trained_run, bundle
         assert copied.read_bytes() == (run_dir / f"fold{fold}" / runs.WEIGHTS).read_bytes()
         assert manifest["files"][member["weights"]]["sha256"] == reference.sha256(copied)
     assert reference.verify(weights) == [weights / run_dir.name]
-    with pytest.raises(SystemExit, match="over --max-megabytes"):
-        run_script("export_weights", ["--runs", run_dir, "--out", weights, "--max-megabytes", 0])
+    before = (weights / reference.MANIFEST).read_text()
+    with pytest.raises(SystemExit, match="MB, over the 0 MB allowed"):
+        run_script(
+            "export_weights",
+            ["--runs", run_dir, "--out", weights, "--folds-csv", folds_csv, "--max-megabytes", 0],
+        )
+    assert (weights / reference.MANIFEST).read_text() == before  # the old bundle is kept
+
+
+@pytest.mark.slow
+def test_an_int8_bundle_is_smaller_and_predicts(trained_run, bundle, tmp_path):
+    run_dir, data_dir, folds_csv = trained_run
+    weights, manifest = bundle
+    small = tmp_path / "int8"
+    argv = ["--runs", run_dir, "--out", small, "--data-dir", data_dir, "--folds-csv", folds_csv]
+    int8 = run_script("export_weights", argv + ["--precision", "int8"])
+    assert int8["precision"] == "int8"
+    for member, original in zip(int8["members"], manifest["members"], strict=True):
+        assert member["weights"].endswith(runs.WEIGHTS_INT8)
+        size, fp16_size = (
+            int8["files"][member["weights"]]["bytes"],
+            manifest["files"][original["weights"]]["bytes"],
+        )
+        assert size < 0.7 * fp16_size
+    labels = run_script(
+        "predict",
+        ["--weights", small, "--images", data_dir / data.TEST_STAGE, "--out", tmp_path / "s.csv"]
+        + ["--device", "cpu"],
+    )
+    assert len(labels) == N_IMAGES
 
 
 @pytest.mark.slow

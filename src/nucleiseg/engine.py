@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from nucleiseg.atomic import atomic_path
 from nucleiseg.augment import train_transform
+from nucleiseg.compact import compact_state
 from nucleiseg.config import TrainConfig, save_config
 from nucleiseg.data import TRAIN_STAGE, Sample, find_images
 from nucleiseg.dataset import NucleiDataset, load_samples, sample_weights
@@ -185,8 +186,7 @@ def _write_history(history: list[dict], path: Path) -> None:
 
 def save_compact_weights(model: nn.Module, path: Path) -> None:
     """Model weights alone, floating-point tensors in float16: what a finished fold keeps."""
-    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    _save(state, path)
+    _save(compact_state(model.state_dict(), "float16"), path)
 
 
 def train_fold(

@@ -21,7 +21,7 @@ from nucleiseg import tta
 from nucleiseg.config import TrainConfig, load_config
 from nucleiseg.dataset import to_tensor
 from nucleiseg.models import build_model, load_weights
-from nucleiseg.runs import CONFIG, WEIGHTS, fold_dirs
+from nucleiseg.runs import CONFIG, fold_dirs, weights_path
 from nucleiseg.tiling import check_tile, pad_to_stride, predict_dense_tiled
 
 FAMILY_MERGES = ("nms", "vote", "agree")
@@ -174,22 +174,25 @@ def load_fold_models(run_dir: Path, device: torch.device) -> list[FoldModel]:
         device: Where the models will run.
 
     Returns:
-        One model per fold that has ``weights_fp16.pt``, in eval mode.
+        One model per fold that has compact weights (float16 or int8), in eval mode.
 
     Raises:
         FileNotFoundError: If no fold of the run has finished.
     """
     loaded = []
     for fold, fold_dir in fold_dirs(run_dir).items():
-        if not (fold_dir / WEIGHTS).is_file():
+        weights = weights_path(fold_dir)
+        if weights is None:
             continue
         config = load_config(fold_dir / CONFIG, {"encoder_weights": None, "init_from": None})
         model = build_model(config)
-        load_weights(model, fold_dir / WEIGHTS)
+        load_weights(model, weights)
         model.to(device).eval()
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         loaded.append(FoldModel(fold, config, model))
     if not loaded:
-        raise FileNotFoundError(f"{run_dir}: no fold with {WEIGHTS}; has a fold finished training?")
+        raise FileNotFoundError(
+            f"{run_dir}: no fold with compact weights; has a fold finished training?"
+        )
     return loaded

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torchvision.models import get_model_weights
 
+from nucleiseg.compact import expand_state
 from nucleiseg.config import TrainConfig
 from nucleiseg.maskrcnn import build_maskrcnn
 from nucleiseg.targets import CHANNELS
@@ -143,8 +144,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
     Args:
         model: Model to load into; every parameter must match.
-        path: A checkpoint written by the engine (its ``model`` entry is used)
-            or a bare state dict (e.g. the fp16 weights of a finished fold).
+        path: A checkpoint written by the engine (its ``model`` entry is used),
+            a bare state dict (e.g. the fp16 weights of a finished fold) or
+            int8 weights (:mod:`nucleiseg.compact`).
     """
     path = Path(path)
     if not path.is_file():
@@ -152,6 +154,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    state = expand_state(state)
     reference = model.state_dict()
     model.load_state_dict(
         {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}

@@ -22,13 +22,23 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 import yaml
 
 from nucleiseg.atomic import atomic_path
+from nucleiseg.compact import compact_state
 from nucleiseg.config import load_config
 from nucleiseg.evaluation import evaluate_run
 from nucleiseg.folds import DEFAULT_FOLDS_PATH
-from nucleiseg.runs import CONFIG, EPOCHS_CSV, POSTPROCESS_YAML, RUN_INFO, WEIGHTS, fold_dirs
+from nucleiseg.runs import (
+    CONFIG,
+    EPOCHS_CSV,
+    POSTPROCESS_YAML,
+    RUN_INFO,
+    WEIGHTS,
+    WEIGHTS_INT8,
+    fold_dirs,
+)
 
 WEIGHTS_DIR = Path("weights")
 MANIFEST = "manifest.yaml"
@@ -50,7 +60,9 @@ class Member:
         fold: Fold the model did not train on.
         config: Path of its full configuration, relative to the bundle.
         weights: Path of its weights, relative to the bundle.
-        oof_cv: Mean AP of its out-of-fold predictions (its fold's images).
+        precision: How they are stored: ``float16`` or ``int8``.
+        oof_cv: Mean AP of its out-of-fold predictions (its fold's images),
+            made with its float16 weights.
         oof_images: Number of those images.
         train_minutes: Wall time of its training epochs.
         epochs: Epochs trained.
@@ -65,6 +77,7 @@ class Member:
     fold: int
     config: str
     weights: str
+    precision: str
     oof_cv: float
     oof_images: int
     train_minutes: float
@@ -136,7 +149,14 @@ def verify(weights_dir: Path = WEIGHTS_DIR) -> list[Path]:
     return [weights_dir / run for run in runs]
 
 
-def _member(run_dir: Path, fold: int, fold_dir: Path, oof_score: pd.Series) -> Member:
+def _member(
+    run_dir: Path,
+    fold: int,
+    fold_dir: Path,
+    oof_score: pd.Series,
+    weights_name: str,
+    precision: str,
+) -> Member:
     config = load_config(fold_dir / CONFIG)
     info = yaml.safe_load((fold_dir / RUN_INFO).read_text())
     epochs = pd.read_csv(fold_dir / EPOCHS_CSV)
@@ -146,7 +166,8 @@ def _member(run_dir: Path, fold: int, fold_dir: Path, oof_score: pd.Series) -> M
         encoder=config.encoder,
         fold=fold,
         config=f"{run_dir.name}/fold{fold}/{CONFIG}",
-        weights=f"{run_dir.name}/fold{fold}/{WEIGHTS}",
+        weights=f"{run_dir.name}/fold{fold}/{weights_name}",
+        precision=precision,
         oof_cv=round(float(oof_score.mean()), 4),
         oof_images=len(oof_score),
         train_minutes=round(float(epochs["seconds"].sum()) / 60, 1),
@@ -163,13 +184,15 @@ def export(
     weights_dir: Path = WEIGHTS_DIR,
     data_dir: Path | None = None,
     folds_csv: Path = DEFAULT_FOLDS_PATH,
+    precision: str = "float16",
+    max_megabytes: float | None = None,
     note: str = "",
 ) -> dict[str, Any]:
     """Copy the chosen fold models of finished runs into a bundle and write its manifest.
 
     The bundle is assembled in a temporary folder beside ``weights_dir`` and
-    renamed into place at the end, so an interrupted export leaves the old
-    bundle as it was.
+    renamed into place at the end, so an interrupted or refused export leaves
+    the old bundle as it was.
 
     Args:
         runs: Run folders, each with ``fold<K>/`` holding config.yaml, run.yaml,
@@ -179,6 +202,9 @@ def export(
         data_dir: Dataset with the true masks, to score each member's
             out-of-fold labels (default: the one in the run's ``run.yaml``).
         folds_csv: Folds file giving each image's fold and modality.
+        precision: ``float16`` copies the weights as trained; ``int8`` stores
+            them per output channel at about half the size (:mod:`nucleiseg.compact`).
+        max_megabytes: Refuse a bundle larger than this.
         note: Free text kept in the manifest (e.g. the command that made it).
 
     Returns:
@@ -187,11 +213,13 @@ def export(
     Raises:
         FileNotFoundError: If a run has none of the folds asked for, or a
             chosen fold has no out-of-fold labels to score.
+        ValueError: If the bundle would exceed ``max_megabytes``.
     """
     weights_dir = Path(weights_dir)
     staging = weights_dir.with_name(f".{weights_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     members, files = [], {}
+    weights_name = WEIGHTS if precision == "float16" else WEIGHTS_INT8
     for run_dir in map(Path, runs):
         chosen = {
             k: d
@@ -204,23 +232,37 @@ def export(
         unscored = sorted(set(chosen) - set(per_image["fold"]))
         if unscored:
             raise FileNotFoundError(f"{run_dir}: folds {unscored} have no out-of-fold labels")
-        copies = [
-            (d / name, f"{run_dir.name}/fold{k}/{name}")
-            for k, d in chosen.items()
-            for name in (CONFIG, RUN_INFO, WEIGHTS)
-        ]
-        if (run_dir / POSTPROCESS_YAML).is_file():
-            copies.append((run_dir / POSTPROCESS_YAML, f"{run_dir.name}/{POSTPROCESS_YAML}"))
-        for source, name in copies:
-            (staging / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, staging / name)
-            files[name] = {"bytes": source.stat().st_size, "sha256": sha256(staging / name)}
+        names = []
         for k, d in chosen.items():
+            fold_name = f"{run_dir.name}/fold{k}"
+            (staging / fold_name).mkdir(parents=True)
+            for name in (CONFIG, RUN_INFO):
+                shutil.copyfile(d / name, staging / fold_name / name)
+            if precision == "float16":  # the file as trained, byte for byte
+                shutil.copyfile(d / WEIGHTS, staging / fold_name / weights_name)
+            else:
+                trained = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
+                torch.save(compact_state(trained, precision), staging / fold_name / weights_name)
+            names += [f"{fold_name}/{name}" for name in (CONFIG, RUN_INFO, weights_name)]
             scores = per_image.loc[per_image["fold"] == k, "score"]
-            members.append(asdict(_member(run_dir, k, d, scores)))
+            members.append(asdict(_member(run_dir, k, d, scores, weights_name, precision)))
+        if (run_dir / POSTPROCESS_YAML).is_file():
+            shutil.copyfile(run_dir / POSTPROCESS_YAML, staging / run_dir.name / POSTPROCESS_YAML)
+            names.append(f"{run_dir.name}/{POSTPROCESS_YAML}")
+        for name in names:
+            path = staging / name
+            files[name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
+    megabytes = sum(f["bytes"] for f in files.values()) / 1e6
+    if max_megabytes is not None and megabytes > max_megabytes:
+        shutil.rmtree(staging)
+        raise ValueError(
+            f"the bundle would take {megabytes:.1f} MB, over the {max_megabytes:g} MB allowed: "
+            "keep fewer folds, int8 precision or lighter models"
+        )
     manifest = {
         "note": note,
-        "total_megabytes": round(sum(f["bytes"] for f in files.values()) / 1e6, 1),
+        "precision": precision,
+        "total_megabytes": round(megabytes, 1),
         "members": members,
         "files": files,
     }

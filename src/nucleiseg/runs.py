@@ -6,7 +6,9 @@
 - ``run.yaml``: where the data came from and what ran it;
 - ``epochs.csv``: one row per epoch;
 - ``last.ckpt`` and ``best.ckpt``: full checkpoints (regenerated, not committed);
-- ``weights_fp16.pt``: the final model weights in float16 (committed);
+- ``weights_fp16.pt``: the final model weights in float16 (committed), or in a
+  reference bundle ``weights_int8.pt``, the same weights in int8 (see
+  :mod:`nucleiseg.compact`);
 - ``oof/``: out-of-fold predictions (see :mod:`nucleiseg.oof`);
 
 and ``runs/<experiment>/postprocess.yaml`` the thresholds tuned on the
@@ -29,6 +31,7 @@ EPOCHS_CSV = "epochs.csv"
 LAST = "last.ckpt"
 BEST = "best.ckpt"
 WEIGHTS = "weights_fp16.pt"
+WEIGHTS_INT8 = "weights_int8.pt"
 POSTPROCESS_YAML = "postprocess.yaml"
 
 _FOLD_DIR = re.compile(r"^fold(\d+)$")
@@ -53,6 +56,14 @@ def fold_dirs(run_dir: str | Path) -> dict[int, Path]:
         if match and path.is_dir():
             found[int(match.group(1))] = path
     return dict(sorted(found.items()))
+
+
+def weights_path(fold_dir: Path) -> Path | None:
+    """A fold's compact weights: float16 if there are, else int8; None if the fold has none."""
+    for name in (WEIGHTS, WEIGHTS_INT8):
+        if (Path(fold_dir) / name).is_file():
+            return Path(fold_dir) / name
+    return None
 
 
 def write_run_info(fold_dir: Path, fold: int, data_dir: Path, device: torch.device) -> None:
