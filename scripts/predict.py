@@ -36,14 +36,14 @@ import numpy as np
 import torch
 
 from nucleiseg import data, oof
-from nucleiseg.ensemble import segment_images, segment_out_of_fold
+from nucleiseg.ensemble import segment_images, write_out_of_fold
 from nucleiseg.evaluation import evaluate_run, print_cv_report
 from nucleiseg.family import params_by_family
 from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
 from nucleiseg.inference import FAMILY_MERGES, InferenceOptions, load_fold_models, resolve_device
 from nucleiseg.overlays import write_overlay
 from nucleiseg.reference import WEIGHTS_DIR, ReferenceWeightsError, verify
-from nucleiseg.runs import fold_dirs, read_run_info, write_run_info
+from nucleiseg.runs import fold_dirs, read_run_info
 from nucleiseg.submission import write_submission
 from nucleiseg.tta import TTA_SETS, parse_scales
 
@@ -91,12 +91,10 @@ def _options(args: argparse.Namespace) -> InferenceOptions:
     )
 
 
-def _writer(args: argparse.Namespace, out_dir: Path | None = None, fold_of=None):
-    """The per-image callback: label PNGs and overlays as asked, OOF labels into a run folder."""
+def _writer(args: argparse.Namespace):
+    """The per-image callback: label PNGs and overlays, as asked."""
 
     def write(image_id: str, image: np.ndarray, labels: np.ndarray) -> None:
-        if out_dir is not None:
-            oof.save_prediction(out_dir / f"fold{fold_of[image_id]}", image_id, None, labels)
         if args.save_labels:
             oof.write_label_png(args.save_labels / f"{image_id}.png", labels)
         if args.save_overlays:
@@ -125,17 +123,17 @@ def predict_oof(args: argparse.Namespace, device: torch.device, options: Inferen
     images = data.find_images(data_dir / data.TRAIN_STAGE)
     fold_of = fold_assignment(args.folds_csv, images).set_index("image_id")["fold"].to_dict()
     models = [member for run in args.runs for member in load_fold_models(run, device)]
-    for fold in sorted({m.fold for m in models}):
-        write_run_info(args.out_dir / f"fold{fold}", fold=fold, data_dir=data_dir, device=device)
     images = {i: p for i, p in images.items() if fold_of[i] in {m.fold for m in models}}
-    results = segment_out_of_fold(
+    results = write_out_of_fold(
         models,
         images,
         fold_of,
         params_by_family(args.runs),
         device,
+        args.out_dir,
+        data_dir,
         options,
-        _writer(args, args.out_dir, fold_of),
+        _writer(args),
     )
     for fold, (labels, seconds) in results.items():
         shapes = {data.image_size(images[i]) for i in labels}

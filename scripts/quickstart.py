@@ -20,15 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from nucleiseg import data, oof
-from nucleiseg.ensemble import segment_images, segment_out_of_fold
+from nucleiseg import data
+from nucleiseg.ensemble import segment_images, write_out_of_fold
 from nucleiseg.evaluation import evaluate_run, print_cv_report
 from nucleiseg.family import params_by_family
 from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
 from nucleiseg.inference import load_fold_models, resolve_device
 from nucleiseg.overlays import write_overlay
 from nucleiseg.reference import WEIGHTS_DIR, ReferenceWeightsError, verify
-from nucleiseg.runs import write_run_info
 from nucleiseg.submission import write_submission
 
 log = logging.getLogger("quickstart")
@@ -69,15 +68,9 @@ def main(args: argparse.Namespace) -> float:
 
     train_images = data.find_images(args.data_dir / data.TRAIN_STAGE)
     fold_of = fold_assignment(args.folds_csv, train_images).set_index("image_id")["fold"]
-    for fold in sorted(set(fold_of)):
-        write_run_info(
-            args.oof_dir / f"fold{fold}", fold=fold, data_dir=args.data_dir, device=device
-        )
-
-    def save(image_id: str, image: np.ndarray, labels: np.ndarray) -> None:
-        oof.save_prediction(args.oof_dir / f"fold{fold_of[image_id]}", image_id, None, labels)
-
-    segment_out_of_fold(models, train_images, fold_of.to_dict(), params, device, on_labels=save)
+    write_out_of_fold(
+        models, train_images, fold_of.to_dict(), params, device, args.oof_dir, args.data_dir
+    )
     per_image = evaluate_run(args.oof_dir, args.data_dir, args.folds_csv)
     print_cv_report(per_image)
     score = float(per_image["score"].mean())

@@ -160,7 +160,7 @@ class Trainer:
         Args:
             samples: Labelled whole images.
             on_prediction: Called with each sample, the family's raw output
-                (the same as :meth:`predict` gives) and its label image.
+                (the same as the family's ``predict`` gives) and its label image.
         """
         params = self.family.params(self.config)
         losses, scores = [], []

@@ -22,10 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nucleiseg import oof
 from nucleiseg.data import read_image
 from nucleiseg.family import Params, get_family
 from nucleiseg.inference import FoldModel, InferenceOptions
 from nucleiseg.instances import SoftInstances, merge_views, resolve_overlaps, suppress_duplicates
+from nucleiseg.runs import write_run_info
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +153,21 @@ def segment_images(
     return labels
 
 
-def segment_out_of_fold(
+def write_out_of_fold(
     models: Sequence[FoldModel],
     images: Mapping[str, Path],
     fold_of: Mapping[str, int],
     params: Mapping[str, Params],
     device: torch.device,
+    out_dir: Path,
+    data_dir: Path,
     options: InferenceOptions | None = None,
     on_labels: Callable[[str, np.ndarray, np.ndarray], None] | None = None,
 ) -> dict[int, tuple[dict[str, np.ndarray], float]]:
-    """Each training image segmented by the models of its own fold only.
+    """Each training image segmented by the models of its own fold only, written as a run folder.
+
+    ``out_dir/fold<K>/`` gets a ``run.yaml`` and ``oof/labels/``, the layout
+    :func:`nucleiseg.evaluation.evaluate_run` scores.
 
     Args:
         models: Fold models of one or more runs (several per fold for an ensemble).
@@ -168,8 +175,10 @@ def segment_out_of_fold(
         fold_of: Image id -> the fold it is held out in.
         params: Family name -> thresholds.
         device: Where the models run.
+        out_dir: The run folder to write.
+        data_dir: The dataset the images come from (recorded in ``run.yaml``).
         options: Test-time views, tiling and merge rules.
-        on_labels: As for :func:`segment_images`.
+        on_labels: As for :func:`segment_images`, after the label image is saved.
 
     Returns:
         Fold -> (image id -> label image, seconds the fold's images took).
@@ -184,6 +193,12 @@ def segment_out_of_fold(
     if orphans:
         raise ValueError(f"no model was held out of folds {orphans}; they cannot be scored")
     families = {m.config.model for m in models}
+
+    def save(image_id: str, image: np.ndarray, labels: np.ndarray) -> None:
+        oof.save_prediction(out_dir / f"fold{fold_of[image_id]}", image_id, None, labels)
+        if on_labels is not None:
+            on_labels(image_id, image, labels)
+
     results = {}
     for fold, members in sorted(by_fold.items()):
         fold_images = {i: p for i, p in images.items() if fold_of[i] == fold}
@@ -191,7 +206,8 @@ def segment_out_of_fold(
             continue
         if {m.config.model for m in members} != families:
             log.warning("fold %d lacks some families' models; its images use the others", fold)
+        write_run_info(out_dir / f"fold{fold}", fold=fold, data_dir=data_dir, device=device)
         started = time.perf_counter()
-        labels = segment_images(members, fold_images, params, device, options, on_labels)
+        labels = segment_images(members, fold_images, params, device, options, save)
         results[fold] = (labels, time.perf_counter() - started)
     return results
