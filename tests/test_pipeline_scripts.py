@@ -220,7 +220,10 @@ def test_ablation_rows_share_the_images_of_the_folds_every_run_finished(trained_
     assert results["images"].tolist() == [3, 3]
     assert results.loc["fold 0 only", "cv"] == results.loc["all folds", "cv"]
     untrained = {"name": "untrained", "runs": [str(tmp_path / "untrained")], "command": "train it"}
-    config.write_text(yaml.safe_dump(files | {"variants": [*variants, untrained]}))
+    # Listed first, and the baseline named: the columns still come from a scored row.
+    config.write_text(
+        yaml.safe_dump(files | {"variants": [untrained, *variants], "baseline": "all folds"})
+    )
     results = run_script("ablate", argv).set_index("variant")
     assert results.loc["untrained", "images"] == 0 and np.isnan(results.loc["untrained", "cv"])
     markdown = (tmp_path / "results" / "partial.md").read_text()

@@ -336,7 +336,9 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
         )
         row["command"] = variant.command
         rows.append(row)
-    results = pd.DataFrame(rows).reindex(columns=rows[0].keys())
+    # Column order of a scored row: a row waiting for its runs holds only some columns.
+    scored = next(row for row in rows if "cv" in row)
+    results = pd.DataFrame(rows).reindex(columns=scored.keys())
     baseline = results.loc[results["variant"] == ablation.baseline, "cv"].iloc[0]
     results.insert(3, "delta", results["cv"] - baseline)
     return results
