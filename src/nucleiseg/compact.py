@@ -27,20 +27,17 @@ def compact_state(state: dict[str, torch.Tensor], precision: str = "float16") ->
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     if precision == "float16":
-        return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    tensors, scales = {}, {}
+        return half
+    scales = {}
     for name, value in state.items():
         if value.is_floating_point() and value.ndim >= 2:
             weights = value.float()
-            peak = weights.abs().flatten(1).amax(dim=1).clamp_min(1e-12)
-            scale = peak / 127
-            shape = (-1,) + (1,) * (weights.ndim - 1)
-            tensors[name] = torch.round(weights / scale.view(shape)).clamp(-127, 127).to(torch.int8)
-            scales[name] = scale
-        else:
-            tensors[name] = value.half() if value.is_floating_point() else value
-    return {_FORMAT_KEY: INT8_FORMAT, "tensors": tensors, "scales": scales}
+            scales[name] = weights.abs().flatten(1).amax(dim=1).clamp_min(1e-12) / 127
+            steps = torch.round(weights / _per_channel(scales[name], weights.ndim))
+            half[name] = steps.clamp(-127, 127).to(torch.int8)
+    return {_FORMAT_KEY: INT8_FORMAT, "tensors": half, "scales": scales}
 
 
 def expand_state(stored: dict) -> dict[str, torch.Tensor]:
@@ -53,5 +50,10 @@ def expand_state(stored: dict) -> dict[str, torch.Tensor]:
         if scale is None:
             state[name] = value
         else:
-            state[name] = value.float() * scale.view((-1,) + (1,) * (value.ndim - 1))
+            state[name] = value.float() * _per_channel(scale, value.ndim)
     return state
+
+
+def _per_channel(scale: torch.Tensor, ndim: int) -> torch.Tensor:
+    """One scale per output channel, shaped to broadcast over a weight of ``ndim`` dimensions."""
+    return scale.view((-1,) + (1,) * (ndim - 1))

@@ -2,11 +2,11 @@
 
 ``weights/`` holds, for every run of the ensemble, the files inference needs in
 the run layout of :mod:`nucleiseg.runs` (``<run>/fold<K>/config.yaml``,
-``run.yaml``, ``weights_fp16.pt`` and ``<run>/postprocess.yaml`` when the run
-has tuned thresholds), so that every function that reads a run folder reads a
-bundled run the same way. ``weights/manifest.yaml`` lists each file with its
-size and sha256, and each fold model with its configuration, out-of-fold CV,
-training time, data and seed.
+``run.yaml``, ``weights_fp16.pt`` or ``weights_int8.pt``, and
+``<run>/postprocess.yaml`` when the run has tuned thresholds), so that every
+function that reads a run folder reads a bundled run the same way.
+``weights/manifest.yaml`` lists each file with its size and sha256, and each
+fold model with its configuration, out-of-fold CV, training time, data and seed.
 
 :func:`verify` checks every listed file before a model is built from it and
 names every missing or altered file in one error.
