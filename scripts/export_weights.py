@@ -23,14 +23,14 @@ from pathlib import Path
 import pandas as pd
 
 from nucleiseg.compact import PRECISIONS
-from nucleiseg.folds import DEFAULT_FOLDS_PATH
+from nucleiseg.folds import DEFAULT_FOLDS_PATH, parse_fold_list, read_folds
 from nucleiseg.reference import WEIGHTS_DIR, export
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders")
-    parser.add_argument("--folds", help="comma-separated folds to keep (default: all finished)")
+    parser.add_argument("--folds", help="folds to keep, e.g. 0,1,2 (default: all finished)")
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="bundle folder")
     parser.add_argument("--data-dir", type=Path, help="dataset (default: the runs')")
     parser.add_argument("--folds-csv", type=Path, default=DEFAULT_FOLDS_PATH)
@@ -40,9 +40,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    folds = [int(k) for k in args.folds.split(",")] if args.folds else None
     command = "python scripts/export_weights.py " + shlex.join(sys.argv[1:])
     try:
+        folds = None
+        if args.folds:
+            folds = parse_fold_list(args.folds, read_folds(args.folds_csv)["fold"])
         manifest = export(
             args.runs,
             folds,

@@ -276,6 +276,11 @@ def test_export_bundles_every_fold_with_its_cv_and_checksums(trained_run, bundle
             ["--runs", run_dir, "--out", weights, "--folds-csv", folds_csv, "--max-megabytes", 0],
         )
     assert (weights / reference.MANIFEST).read_text() == before  # the old bundle is kept
+    with pytest.raises(SystemExit, match=r"fold\(s\) \[7\] not among the available folds"):
+        run_script(
+            "export_weights",
+            ["--runs", run_dir, "--out", weights, "--folds-csv", folds_csv, "--folds", "1,7"],
+        )
 
 
 @pytest.mark.slow
