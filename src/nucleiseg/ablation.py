@@ -166,7 +166,7 @@ def views_key(options: InferenceOptions) -> str:
 def _has_finished_fold(run_dir: Path) -> bool:
     try:
         return bool(oof.oof_fold_dirs(run_dir))
-    except (DataError, FileNotFoundError):
+    except DataError:  # no fold<K>/oof/labels, or no such folder at all
         return False
 
 
