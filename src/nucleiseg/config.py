@@ -49,7 +49,8 @@ class TrainConfig:
         warmup_epochs: Linear warm-up length before the cosine decay.
         val_every: Score the validation images every this many epochs (and
             always after the last one).
-        amp: Mixed precision: bfloat16 autocast on CPU, float16 on CUDA.
+        amp: Mixed precision where it pays: float16 on CUDA, bfloat16 on a CPU
+            with bfloat16 instructions, float32 on other CPUs (nucleiseg.precision).
         channels_last: Memory format of the model and inputs (faster convolutions).
         num_workers: DataLoader worker processes.
         loss: Loss of the semantic family: ``bce_dice`` is per-channel sigmoid

@@ -22,9 +22,10 @@ from torch import nn
 
 from nucleiseg import tta
 from nucleiseg.dataset import to_tensor
-from nucleiseg.inference import InferenceOptions, autocast
+from nucleiseg.inference import InferenceOptions
 from nucleiseg.instances import SoftInstances, merge_views, nms_indices
 from nucleiseg.maskrcnn import MaskRCNNParams, detections_to_instances, input_scale
+from nucleiseg.precision import autocast
 from nucleiseg.tiling import batches, tiles
 
 # A box within this many pixels of an inner tile edge belongs to a cut nucleus.

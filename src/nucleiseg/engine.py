@@ -332,6 +332,6 @@ def train_folds(
         log.info(
             "fold %d: %d training, %d validation images -> %s", fold, len(train), len(val), out_dir
         )
-        write_run_info(out_dir, fold=fold, data_dir=data_dir, device=device)
+        write_run_info(out_dir, fold=fold, data_dir=data_dir, device=device, amp=config.amp)
         train_fold(config, train, val, modalities, out_dir, device, resume=resume)
     return folds

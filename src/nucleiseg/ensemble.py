@@ -206,7 +206,8 @@ def write_out_of_fold(
             continue
         if {m.config.model for m in members} != families:
             log.warning("fold %d lacks some families' models; its images use the others", fold)
-        write_run_info(out_dir / f"fold{fold}", fold=fold, data_dir=data_dir, device=device)
+        amp = any(m.config.amp for m in members)
+        write_run_info(out_dir / f"fold{fold}", fold, data_dir, device, amp)
         started = time.perf_counter()
         labels = segment_images(members, fold_images, params, device, options, save)
         results[fold] = (labels, time.perf_counter() - started)

@@ -36,7 +36,7 @@ from nucleiseg.config import TrainConfig, load_config
 from nucleiseg.data import Sample
 from nucleiseg.dataset import to_tensor
 from nucleiseg.detection import detect
-from nucleiseg.inference import InferenceOptions, autocast, predict_logits, predict_probabilities
+from nucleiseg.inference import InferenceOptions, predict_logits, predict_probabilities
 from nucleiseg.instances import (
     InstanceParams,
     Instances,
@@ -47,6 +47,7 @@ from nucleiseg.instances import (
 from nucleiseg.losses import get_loss
 from nucleiseg.maskrcnn import detection_targets, rescale_sample
 from nucleiseg.postprocess import BODY, PostprocessParams, instances_from_probabilities
+from nucleiseg.precision import autocast
 from nucleiseg.runs import CONFIG, POSTPROCESS_YAML, fold_dirs
 from nucleiseg.targets import make_targets
 

@@ -9,7 +9,6 @@ are predicted one by one, inverted exactly, and averaged as probabilities.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from nucleiseg import tta
 from nucleiseg.config import TrainConfig, load_config
 from nucleiseg.dataset import to_tensor
 from nucleiseg.models import build_model, load_weights
+from nucleiseg.precision import autocast
 from nucleiseg.runs import CONFIG, fold_dirs, weights_path
 from nucleiseg.tiling import check_tile, pad_to_stride, predict_dense_tiled
 
@@ -86,14 +86,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda")
     return torch.device(name)
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """Mixed precision for the device: bfloat16 on CPU, float16 on CUDA, or nothing."""
-    if not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()

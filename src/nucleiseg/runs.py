@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from nucleiseg.atomic import atomic_path
+from nucleiseg.precision import precision_name, processor_name
 
 CONFIG = "config.yaml"
 RUN_INFO = "run.yaml"
@@ -66,12 +67,20 @@ def weights_path(fold_dir: Path) -> Path | None:
     return None
 
 
-def write_run_info(fold_dir: Path, fold: int, data_dir: Path, device: torch.device) -> None:
-    """Record where a fold's data came from and what ran it (``run.yaml``)."""
+def write_run_info(
+    fold_dir: Path, fold: int, data_dir: Path, device: torch.device, amp: bool
+) -> None:
+    """Record where a fold's data came from and what ran it (``run.yaml``).
+
+    ``precision`` is what the model computed in, which for ``amp`` depends on
+    the hardware (see ``nucleiseg.precision``).
+    """
     info = {
         "fold": int(fold),
         "data_dir": str(data_dir),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "processor": processor_name(),
+        "precision": precision_name(device, amp),
         "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),
     }
