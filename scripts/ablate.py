@@ -22,6 +22,7 @@ from pathlib import Path
 from nucleiseg.ablation import leaderboard_markdown, load_ablation, run_ablation
 from nucleiseg.atomic import atomic_path
 from nucleiseg.inference import resolve_device
+from nucleiseg.precision import describe_machine
 
 log = logging.getLogger("ablate")
 
@@ -37,9 +38,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace):
     ablation = load_ablation(args.config)
-    results = run_ablation(ablation, resolve_device(args.device), args.workers)
+    device = resolve_device(args.device)
+    results = run_ablation(ablation, device, args.workers)
     command = "python scripts/ablate.py --config " + shlex.quote(str(args.config))
-    markdown = leaderboard_markdown(results, f"Ablation: {ablation.name}", command)
+    title = f"Ablation: {ablation.name}"
+    markdown = leaderboard_markdown(results, title, command, describe_machine(device))
     with atomic_path(args.out_dir / f"{ablation.name}.csv") as tmp:
         results.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(args.out_dir / f"{ablation.name}.md") as tmp:

@@ -89,7 +89,9 @@ def test_leaderboard_is_sorted_by_cv_and_names_commands():
             "command": ["", "python scripts/train.py --epochs 60"],
         }
     )
-    text = leaderboard_markdown(results, "t", "python scripts/ablate.py --config x.yaml")
+    command = "python scripts/ablate.py --config x.yaml"
+    text = leaderboard_markdown(results, "t", command, machine="AMD EPYC, 2 CPU threads, float32")
+    assert "Seconds per image measured on AMD EPYC, 2 CPU threads, float32." in text
     rows = [line for line in text.splitlines() if line.startswith("| b")]
     assert rows == [
         "| better | 10 | 0.6000 | +0.1000 | 0.6500 | 0.2000 | 0.4000 | 1.25 |",

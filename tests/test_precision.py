@@ -38,3 +38,9 @@ def test_run_info_records_precision_and_processor(tmp_path, monkeypatch):
     assert info["fold"] == 3
     assert info["precision"] == "float32"
     assert info["processor"] == precision.processor_name() != ""
+
+
+def test_describe_machine_names_processor_threads_and_precision(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: False)
+    text = precision.describe_machine(CPU)
+    assert text == f"{precision.processor_name()}, {torch.get_num_threads()} CPU threads, float32"

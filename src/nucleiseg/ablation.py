@@ -344,11 +344,12 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
     return results
 
 
-def leaderboard_markdown(results: pd.DataFrame, title: str, command: str) -> str:
+def leaderboard_markdown(results: pd.DataFrame, title: str, command: str, machine: str = "") -> str:
     """The results as a Markdown table, best CV first, with the command that made them.
 
-    Variants still waiting for their runs (no CV yet) are listed after the
-    table with the command that trains them.
+    ``machine`` (see :func:`nucleiseg.precision.describe_machine`) says where the
+    seconds per image were measured. Variants still waiting for their runs (no
+    CV yet) are listed after the table with the command that trains them.
     """
     waiting = results[results["cv"].isna()]
     ranked = results[results["cv"].notna()].sort_values("cv", ascending=False)
@@ -358,6 +359,7 @@ def leaderboard_markdown(results: pd.DataFrame, title: str, command: str) -> str
         "",
         f"`{command}`",
         "",
+        *([f"Seconds per image measured on {machine}.", ""] if machine else []),
         "| " + " | ".join(header) + " |",
         "| " + " | ".join(["---"] * len(header)) + " |",
     ]

@@ -59,3 +59,10 @@ def processor_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def describe_machine(device: torch.device, amp: bool = True) -> str:
+    """Where timings come from, e.g. ``AMD EPYC, 2 CPU threads, float32``."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else processor_name()
+    threads = torch.get_num_threads()
+    return f"{where}, {threads} CPU threads, {precision_name(device, amp)}"
