@@ -106,6 +106,47 @@ def test_eval_output_is_instances_in_the_original_image():
     assert labels.shape == (40, 56) and labels.dtype == np.int32
 
 
+def test_boxes_scores_and_masks_are_float32_under_bfloat16_autocast():
+    # bfloat16 boxes would put a box edge near x = 300 on a multiple of 2 px.
+    model = build_model(tiny_maskrcnn_config()).eval()
+    image = to_tensor(_image(_discs([(15, 15), (40, 40)])))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.backbone(image[None])
+        objectness, deltas = model.rpn.head(list(features.values()))
+        output = model([image])[0]
+    assert features["0"].dtype == torch.bfloat16  # the layers do run in bfloat16
+    assert {t.dtype for t in objectness + deltas} == {torch.float32}
+    assert len(output["boxes"]) > 0
+    assert {output[k].dtype for k in ("boxes", "scores", "masks")} == {torch.float32}
+
+
+def test_float32_heads_keep_torchvision_parameter_names():
+    # Weights saved from torchvision's own heads load unchanged.
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+    from torchvision.models.detection.rpn import RPNHead
+
+    model = build_model(tiny_maskrcnn_config())
+    for module, plain in [
+        (model.rpn.head, RPNHead(model.backbone.out_channels, 3)),
+        (
+            model.roi_heads.box_predictor,
+            FastRCNNPredictor(model.roi_heads.box_head.fc7.out_features, 2),
+        ),
+        (
+            model.roi_heads.mask_predictor,
+            MaskRCNNPredictor(
+                model.roi_heads.mask_head[-1][0].out_channels,
+                model.roi_heads.mask_head[-1][0].out_channels,
+                2,
+            ),
+        ),
+    ]:
+        assert {k: v.shape for k, v in module.state_dict().items()} == {
+            k: v.shape for k, v in plain.state_dict().items()
+        }
+
+
 def test_pasted_masks_land_where_the_head_put_them():
     # Left half of the head's mask on: the left half of the box, in the image.
     head = np.zeros((1, 28, 28), np.float32)

@@ -27,6 +27,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -118,6 +119,33 @@ class _BatchOnlyTransform(GeneralizedRCNNTransform):
         return result
 
 
+# Under autocast the heads' convolutions and linear layers give bfloat16 (CPU) or
+# float16 (CUDA), and torchvision decodes proposals and boxes in the dtype of the
+# regression output. bfloat16 keeps 8 significant bits: a box edge between 256
+# and 512 px lands on a multiple of 2 px, beyond 512 on a multiple of 4, for
+# nuclei 10 to 40 px across. So the heads hand float32 to everything after them:
+# anchors are decoded, proposals ranked and boxes, scores and masks computed in
+# float32; only the layers run in low precision. Parameter names are
+# torchvision's, so weights load either way.
+
+
+class _Float32RPNHead(RPNHead):
+    def forward(self, x):
+        objectness, deltas = super().forward(x)
+        return [o.float() for o in objectness], [d.float() for d in deltas]
+
+
+class _Float32BoxPredictor(FastRCNNPredictor):
+    def forward(self, x):
+        scores, deltas = super().forward(x)
+        return scores.float(), deltas.float()
+
+
+class _Float32MaskPredictor(MaskRCNNPredictor):
+    def forward(self, x):
+        return super().forward(x).float()
+
+
 def _resnet_fpn(name: str, channels: int) -> BackboneWithFPN:
     """A ResNet with batch norm (trainable from scratch, unlike torchvision's frozen
     statistics for pretrained backbones) and an FPN over its four stages plus a pooled level."""
@@ -161,19 +189,20 @@ def build_maskrcnn(backbone: str, params: MaskRCNNParams) -> MaskRCNN:
         fpn,
         num_classes=None,
         rpn_anchor_generator=anchors,
+        rpn_head=_Float32RPNHead(params.fpn_channels, anchors.num_anchors_per_location()[0]),
         rpn_pre_nms_top_n_train=params.rpn_pre_nms_top_n_train,
         rpn_post_nms_top_n_train=params.rpn_post_nms_top_n_train,
         rpn_pre_nms_top_n_test=params.rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_test=params.rpn_post_nms_top_n_test,
         rpn_batch_size_per_image=params.rpn_batch_size_per_image,
         box_head=box_head,
-        box_predictor=FastRCNNPredictor(params.box_head_dim, 2),
+        box_predictor=_Float32BoxPredictor(params.box_head_dim, 2),
         box_batch_size_per_image=params.box_batch_size_per_image,
         box_detections_per_img=params.box_detections_per_img,
         box_score_thresh=params.box_score_thresh,
         box_nms_thresh=params.box_nms_thresh,
         mask_head=MaskRCNNHeads(params.fpn_channels, (width,) * 4, dilation=1),
-        mask_predictor=MaskRCNNPredictor(width, width, 2),
+        mask_predictor=_Float32MaskPredictor(width, width, 2),
     )
     model.transform = _BatchOnlyTransform()
     return model
