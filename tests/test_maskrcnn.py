@@ -5,6 +5,9 @@ import pytest
 import torch
 from helpers import tiny_maskrcnn_config
 from skimage.draw import disk
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
 
 from nucleiseg import oof
 from nucleiseg.data import Sample
@@ -122,25 +125,15 @@ def test_boxes_scores_and_masks_are_float32_under_bfloat16_autocast():
 
 def test_float32_heads_keep_torchvision_parameter_names():
     # Weights saved from torchvision's own heads load unchanged.
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
-    from torchvision.models.detection.rpn import RPNHead
-
     model = build_model(tiny_maskrcnn_config())
+    mask_width = model.roi_heads.mask_head[-1][0].out_channels
     for module, plain in [
         (model.rpn.head, RPNHead(model.backbone.out_channels, 3)),
         (
             model.roi_heads.box_predictor,
             FastRCNNPredictor(model.roi_heads.box_head.fc7.out_features, 2),
         ),
-        (
-            model.roi_heads.mask_predictor,
-            MaskRCNNPredictor(
-                model.roi_heads.mask_head[-1][0].out_channels,
-                model.roi_heads.mask_head[-1][0].out_channels,
-                2,
-            ),
-        ),
+        (model.roi_heads.mask_predictor, MaskRCNNPredictor(mask_width, mask_width, 2)),
     ]:
         assert {k: v.shape for k, v in module.state_dict().items()} == {
             k: v.shape for k, v in plain.state_dict().items()
