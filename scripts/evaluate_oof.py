@@ -2,10 +2,15 @@
 
     python scripts/evaluate_oof.py runs/unetpp_effb0
     python scripts/evaluate_oof.py runs/unetpp_effb0 --per-image oof.csv --markdown
+    python scripts/evaluate_oof.py runs/maskrcnn_r18 --per-threshold
+    python scripts/evaluate_oof.py runs/maskrcnn_r18/fold3 --params thresholds.yaml
 
 No model and no GPU: it reads ``fold<K>/oof/labels/*.png`` and the true masks,
 prints the score per fold and per modality (with ``--markdown`` also as the
-README's table), and ends with ``cv: <value>``.
+README's table; with ``--per-threshold`` the precision at each IoU threshold
+and the tp/fp/fn counts at 0.5, per modality), and ends with ``cv: <value>``.
+With ``--params`` the label images are made again from the saved raw outputs
+(probability maps or soft instances, not committed) with other thresholds.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import logging
 from pathlib import Path
 
 from nucleiseg.atomic import atomic_path
-from nucleiseg.evaluation import evaluate_run, markdown_table, print_cv_report
+from nucleiseg.evaluation import evaluate_run, markdown_table, print_cv_report, threshold_table
 
 log = logging.getLogger("evaluate_oof")
 
@@ -27,18 +32,30 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, help="dataset root with the truth (default: the run's own)"
     )
     parser.add_argument("--folds-csv", type=Path, default=Path("folds/folds.csv"))
+    parser.add_argument(
+        "--params",
+        type=Path,
+        help="thresholds YAML: relabel the saved raw outputs with these instead",
+    )
     parser.add_argument("--per-image", type=Path, help="write per-image scores to this CSV")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    parser.add_argument(
+        "--per-threshold",
+        action="store_true",
+        help="also print the precision at each IoU threshold, per modality",
+    )
     return parser
 
 
 def main(args: argparse.Namespace) -> float:
-    per_image = evaluate_run(args.run_dir, args.data_dir, args.folds_csv)
+    per_image = evaluate_run(args.run_dir, args.data_dir, args.folds_csv, args.params)
     if args.per_image:
         with atomic_path(args.per_image) as tmp:
             per_image.to_csv(tmp, index=False)
     if args.markdown:
         print(markdown_table(per_image), end="\n\n")
+    if args.per_threshold:
+        print(threshold_table(per_image).to_string(float_format="%.4f"), end="\n\n")
     return print_cv_report(per_image)
 
 

@@ -2,7 +2,7 @@
 
     python scripts/tune_postprocess.py runs/unetpp_effb0
     python scripts/tune_postprocess.py runs/unetpp_effb0 --apply    # rewrite the OOF labels too
-    python scripts/tune_postprocess.py runs/maskrcnn_r18
+    python scripts/tune_postprocess.py runs/maskrcnn_r18 --folds 3    # tune on fold 3 only
 
 U-Net++ runs tune the watershed thresholds on their probability maps, Mask
 R-CNN runs the instance thresholds (score, mask, NMS, minimum size) on their
@@ -40,12 +40,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="run folder holding fold<K>/oof/")
     parser.add_argument("--data-dir", type=Path, help="dataset root (default: the run's own)")
+    parser.add_argument(
+        "--folds", type=int, nargs="+", help="tune on these folds' OOF outputs only (default: all)"
+    )
     parser.add_argument("--apply", action="store_true", help="rewrite the OOF label images")
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
     folds = oof.oof_fold_dirs(args.run_dir)
+    if args.folds:
+        absent = sorted(set(args.folds) - set(folds))
+        if absent:
+            raise SystemExit(f"{args.run_dir}: no OOF outputs for fold(s) {absent}")
+        folds = {k: folds[k] for k in args.folds}
     first = next(iter(folds.values()))
     data_dir = args.data_dir or Path(read_run_info(first)["data_dir"])
     config = load_config(first / CONFIG)

@@ -101,6 +101,14 @@ def test_evaluate_oof_matches_per_image_scores(trained_run, capsys, tmp_path):
     assert len(scores) == N_IMAGES and sorted(scores["fold"].unique()) == [0, 1]
     assert cv == pytest.approx(scores["score"].mean())
 
+    # Other thresholds, applied to the saved raw outputs of every fold.
+    params = tmp_path / "huge.yaml"
+    params.write_text("min_size: 1000000\n")
+    argv = [run_dir, "--folds-csv", folds_csv, "--params", params, "--per-image", per_image]
+    run_script("evaluate_oof", argv)
+    relabelled = pd.read_csv(per_image)
+    assert len(relabelled) == N_IMAGES and (relabelled["n_pred"] == 0).all()
+
 
 @pytest.mark.slow
 def test_predict_writes_a_valid_submission_and_label_pngs(trained_run, tmp_path):
@@ -243,6 +251,8 @@ def test_tune_postprocess_writes_thresholds_no_worse_than_the_start(trained_run)
     is_start = np.all([search[k] == v for k, v in start.items()], axis=0)
     assert search["mean_ap"].max() >= search.loc[is_start, "mean_ap"].iloc[0]
     assert search.loc[search["mean_ap"].idxmax(), "min_size"] == tuned.min_size
+    with pytest.raises(SystemExit, match=r"no OOF outputs for fold\(s\) \[7\]"):
+        run_script("tune_postprocess", [run_dir, "--folds", "1", "7"])
 
 
 @pytest.fixture

@@ -9,10 +9,12 @@ import numpy as np
 import pandas as pd
 
 from nucleiseg import data, oof
+from nucleiseg.config import load_config
+from nucleiseg.family import get_family, read_params
 from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
 from nucleiseg.modality import MODALITIES
-from nucleiseg.runs import read_run_info
-from nucleiseg.submission import score_submission
+from nucleiseg.runs import CONFIG, read_run_info
+from nucleiseg.submission import PRECISION_COLUMNS, score_submission
 
 OVERALL = "all"
 
@@ -87,7 +89,10 @@ def score_oof(
 
 
 def evaluate_run(
-    run_dir: Path, data_dir: Path | None = None, folds_csv: Path = DEFAULT_FOLDS_PATH
+    run_dir: Path,
+    data_dir: Path | None = None,
+    folds_csv: Path = DEFAULT_FOLDS_PATH,
+    params_file: Path | None = None,
 ) -> pd.DataFrame:
     """Per-image scores of a run's saved out-of-fold label images: no model needed.
 
@@ -96,11 +101,22 @@ def evaluate_run(
         data_dir: Dataset root with the true masks (default: the one the run
             was trained on, from its ``run.yaml``).
         folds_csv: Folds file giving each image's modality.
+        params_file: Thresholds YAML (e.g. a run's ``postprocess.yaml``): the
+            label images are made again from the saved raw outputs
+            (``oof/probabilities`` or ``oof/instances``) with these thresholds
+            instead of being read.
 
     Returns:
-        One row per image: image_id, fold, modality, score, n_true, n_pred.
+        One row per image: image_id, fold, modality, score, n_true, n_pred,
+        tp, fp, fn at IoU 0.5 and the precision at each IoU threshold.
+
+    Raises:
+        DataError: If ``params_file`` is given and a fold has no raw outputs.
     """
-    predictions = oof.load_oof_labels(run_dir)
+    if params_file is None:
+        predictions = oof.load_oof_labels(run_dir)
+    else:
+        predictions = _relabel(run_dir, params_file)
     if data_dir is None:
         data_dir = Path(read_run_info(next(iter(oof.oof_fold_dirs(run_dir).values())))["data_dir"])
     images = data.find_images(Path(data_dir) / data.TRAIN_STAGE)
@@ -110,6 +126,48 @@ def evaluate_run(
     truth = {image_id: data.labels_of(images[image_id]) for image_id in predictions}
     modalities = fold_assignment(folds_csv, predictions).set_index("image_id")["modality"]
     return score_oof(predictions, truth, modalities.to_dict())
+
+
+def threshold_table(per_image: pd.DataFrame) -> pd.DataFrame:
+    """Where the score is lost: mean precision at each IoU threshold, per modality and overall.
+
+    Detection errors (missed or spurious nuclei) lower every threshold alike;
+    imprecise outlines lower mostly the high ones.
+
+    Args:
+        per_image: One row per image with the columns ``modality``, ``tp``,
+            ``fp``, ``fn`` (at IoU 0.5) and ``PRECISION_COLUMNS``.
+
+    Returns:
+        Frame indexed by modality (then ``all``): images, the summed tp, fp
+        and fn at IoU 0.5, and one column per threshold (``0.50`` ... ``0.95``)
+        with the mean over images of tp / (tp + fp + fn).
+    """
+    missing = {"modality", "tp", "fp", "fn", *PRECISION_COLUMNS} - set(per_image.columns)
+    if missing:
+        raise ValueError(f"per-image scores lack column(s) {', '.join(sorted(missing))}")
+    if per_image.empty:
+        raise ValueError("no per-image scores to summarize")
+    groups = [*per_image.groupby("modality"), (OVERALL, per_image)]
+    rows = {
+        name: {
+            "images": len(rows),
+            **rows[["tp", "fp", "fn"]].sum().to_dict(),
+            **{column.split("@")[1]: rows[column].mean() for column in PRECISION_COLUMNS},
+        }
+        for name, rows in groups
+    }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("modality")
+
+
+def _relabel(run_dir: Path, params_file: Path) -> dict[str, tuple[int, np.ndarray]]:
+    predictions = {}
+    for fold, fold_dir in oof.oof_fold_dirs(run_dir).items():
+        family = get_family(load_config(fold_dir / CONFIG).model)
+        params = read_params(params_file, family)
+        for image_id, raw in family.load_oof(fold_dir).items():
+            predictions[image_id] = (fold, family.to_labels(raw, params))
+    return predictions
 
 
 def cv_summary(per_image: pd.DataFrame) -> dict[str, float]:

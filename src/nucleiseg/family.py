@@ -291,13 +291,24 @@ def load_params(run_dir: str | Path) -> Params:
     family = get_family(config.model)
     tuned = run_dir / POSTPROCESS_YAML
     if tuned.is_file():
-        values = yaml.safe_load(tuned.read_text()) or {}
-        known = {f.name for f in dataclasses.fields(family.params_type)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{tuned}: not {family.name} settings: {', '.join(unknown)}")
-        return family.params_type(**values)
+        return read_params(tuned, family)
     return family.params(config)
+
+
+def read_params(path: str | Path, family: Family) -> Params:
+    """Thresholds of ``family`` from a YAML file such as a run's ``postprocess.yaml``.
+
+    Settings the file leaves out keep their defaults.
+
+    Raises:
+        ValueError: If the file names settings the family does not have.
+    """
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    known = {f.name for f in dataclasses.fields(family.params_type)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: not {family.name} settings: {', '.join(unknown)}")
+    return family.params_type(**values)
 
 
 def params_by_family(runs: Sequence[str | Path]) -> dict[str, Params]:

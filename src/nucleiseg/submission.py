@@ -27,6 +27,8 @@ from nucleiseg.atomic import atomic_path
 COLUMNS = ("ImageId", "EncodedPixels")
 _MAX_LISTED = 20
 _IOU_HALF = int(np.argmin(np.abs(metric.THRESHOLDS - 0.5)))
+# Per-image columns holding the precision tp / (tp + fp + fn) at each IoU threshold.
+PRECISION_COLUMNS = tuple(f"precision@{t:.2f}" for t in metric.THRESHOLDS)
 
 
 class Problem(NamedTuple):
@@ -68,7 +70,8 @@ class SubmissionScore(NamedTuple):
 
     Attributes:
         per_image: One row per image: image_id, score (mean precision over the
-            IoU thresholds), n_true, n_pred, and tp, fp, fn at IoU 0.5.
+            IoU thresholds), n_true, n_pred, tp, fp, fn at IoU 0.5, and the
+            precision at each threshold (``PRECISION_COLUMNS``).
         score: Mean of the per-image scores, the competition's number.
     """
 
@@ -204,10 +207,11 @@ def score_submission(
                 "tp": int(s.tp[_IOU_HALF]),
                 "fp": int(s.fp[_IOU_HALF]),
                 "fn": int(s.fn[_IOU_HALF]),
+                **dict(zip(PRECISION_COLUMNS, s.precision.tolist(), strict=True)),
             }
             for image_id, s in zip(truth, scores, strict=True)
         ],
-        columns=["image_id", "score", "n_true", "n_pred", "tp", "fp", "fn"],
+        columns=["image_id", "score", "n_true", "n_pred", "tp", "fp", "fn", *PRECISION_COLUMNS],
     )
     return SubmissionScore(per_image, metric.mean_average_precision(scores))
 

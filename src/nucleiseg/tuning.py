@@ -34,11 +34,11 @@ DEFAULT_GRID: dict[str, tuple[float, ...]] = {
 }
 
 INSTANCE_GRID: dict[str, tuple[float, ...]] = {
-    "score_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-    "mask_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
-    "mask_iou_threshold": (0.2, 0.3, 0.4, 0.5, 0.6),
+    "score_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98),
+    "mask_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+    "mask_iou_threshold": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
     "box_iou_threshold": (0.5, 0.7, 0.9),
-    "min_size": (4, 8, 12, 20, 30, 45),
+    "min_size": (4, 8, 12, 20, 30, 45, 60),
 }
 
 # Params type -> (raw output -> label image, default grid).
