@@ -2,11 +2,13 @@
 
     python scripts/export_weights.py --runs runs/unetpp_effb0 --data-dir ../shared/data/dsb2018
     python scripts/export_weights.py --runs runs/unetpp_effb0 runs/maskrcnn_r18 \
-        --folds 0,1,2,3 --precision int8 --max-megabytes 100
+        --folds all 0,1 --precision float16 int8 --tta flip --merge maps --max-megabytes 100
 
-Copies each chosen fold's config.yaml, run.yaml and weights (float16 as
-trained, or int8 with ``--precision int8``) and the run's tuned
-postprocess.yaml into ``--out`` in the run layout, scores each fold's
+``--folds`` and ``--precision`` take one value for every run or one per run,
+in the order of ``--runs``. Copies each chosen fold's config.yaml, run.yaml and
+weights (float16 as trained, or int8 per output channel) and the run's tuned
+postprocess.yaml into ``--out`` in the run layout, keeps the inference
+options given (``--tta``, ``--merge``, ...) as the bundle's own, scores each fold's
 out-of-fold labels, and writes ``manifest.yaml`` with every file's size and
 sha256 and every member's CV, training time, data and seed. Refuses a bundle
 larger than ``--max-megabytes``. The old bundle stays in place until the new
@@ -24,36 +26,61 @@ import pandas as pd
 
 from nucleiseg.compact import PRECISIONS
 from nucleiseg.folds import DEFAULT_FOLDS_PATH, parse_fold_list, read_folds
-from nucleiseg.reference import WEIGHTS_DIR, export
+from nucleiseg.inference import add_option_arguments, given_options
+from nucleiseg.reference import WEIGHTS_DIR, BundlePart, export
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders")
-    parser.add_argument("--folds", help="folds to keep, e.g. 0,1,2 (default: all finished)")
+    parser.add_argument(
+        "--folds", nargs="+", help="folds to keep, e.g. 0,1,2 or all (default: all finished)"
+    )
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="bundle folder")
     parser.add_argument("--data-dir", type=Path, help="dataset (default: the runs')")
     parser.add_argument("--folds-csv", type=Path, default=DEFAULT_FOLDS_PATH)
-    parser.add_argument("--precision", default="float16", choices=PRECISIONS)
+    parser.add_argument("--precision", nargs="+", default=["float16"], choices=PRECISIONS)
     parser.add_argument("--max-megabytes", type=float, default=100.0)
+    add_option_arguments(parser)
     return parser
+
+
+def _per_run(values: list, runs: list[Path], flag: str) -> list:
+    """One value for every run, or one per run."""
+    if len(values) == 1:
+        return values * len(runs)
+    if len(values) != len(runs):
+        raise ValueError(f"{flag} takes one value or one per run ({len(runs)}), not {len(values)}")
+    return values
 
 
 def main(args: argparse.Namespace) -> dict:
     command = "python scripts/export_weights.py " + shlex.join(sys.argv[1:])
     try:
-        folds = None
+        folds = [None]
         if args.folds:
-            folds = parse_fold_list(args.folds, read_folds(args.folds_csv)["fold"])
+            available = read_folds(args.folds_csv)["fold"]
+            folds = [
+                None if spec == "all" else tuple(parse_fold_list(spec, available))
+                for spec in args.folds
+            ]
+        parts = [
+            BundlePart(run, run_folds, precision)
+            for run, run_folds, precision in zip(
+                args.runs,
+                _per_run(folds, args.runs, "--folds"),
+                _per_run(args.precision, args.runs, "--precision"),
+                strict=True,
+            )
+        ]
         manifest = export(
-            args.runs,
-            folds,
+            parts,
             args.out,
             args.data_dir,
             args.folds_csv,
-            args.precision,
             args.max_megabytes,
             note=command,
+            inference=given_options(args),
         )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None

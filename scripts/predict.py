@@ -40,12 +40,18 @@ from nucleiseg.ensemble import segment_images, write_out_of_fold
 from nucleiseg.evaluation import evaluate_run, print_cv_report
 from nucleiseg.family import params_by_family
 from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
-from nucleiseg.inference import FAMILY_MERGES, InferenceOptions, load_fold_models, resolve_device
+from nucleiseg.inference import (
+    InferenceOptions,
+    add_option_arguments,
+    given_options,
+    load_fold_models,
+    resolve_device,
+    with_options,
+)
 from nucleiseg.overlays import write_overlay
-from nucleiseg.reference import WEIGHTS_DIR, ReferenceWeightsError, verify
+from nucleiseg.reference import WEIGHTS_DIR, ReferenceWeightsError, inference_options, verify
 from nucleiseg.runs import fold_dirs, read_run_info
 from nucleiseg.submission import write_submission
-from nucleiseg.tta import TTA_SETS, parse_scales
 
 log = logging.getLogger("predict")
 
@@ -62,33 +68,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="submission CSV to write")
     parser.add_argument("--save-labels", type=Path, help="also write uint16 label PNGs here")
     parser.add_argument("--save-overlays", type=Path, help="also write outline overlays here")
-    parser.add_argument("--tta", default="none", choices=list(TTA_SETS))
-    parser.add_argument("--scales", default="1.0", help="comma-separated, e.g. 1.0,1.25")
-    parser.add_argument("--tile", type=int, help="tile side in pixels (multiple of 32)")
-    parser.add_argument("--overlap", type=int, default=128, help="pixels shared by tiles")
-    parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
-    parser.add_argument(
-        "--vote-fraction", type=float, default=0.5, help="Mask R-CNN views/folds that must agree"
-    )
-    parser.add_argument("--merge", default="nms", choices=FAMILY_MERGES, help="family merge")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--oof", action="store_true", help="predict the runs' OOF images")
     parser.add_argument("--out-dir", type=Path, help="with --oof: run folder to write")
     parser.add_argument("--data-dir", type=Path, help="with --oof: dataset (default: the runs')")
     parser.add_argument("--folds-csv", type=Path, default=DEFAULT_FOLDS_PATH)
+    add_option_arguments(parser)
     return parser
-
-
-def _options(args: argparse.Namespace) -> InferenceOptions:
-    return InferenceOptions(
-        tta=args.tta,
-        scales=parse_scales(args.scales),
-        tile=args.tile,
-        overlap=args.overlap,
-        batch_size=args.batch_size,
-        vote_fraction=args.vote_fraction,
-        family_merge=args.merge,
-    )
 
 
 def _writer(args: argparse.Namespace):
@@ -144,13 +130,17 @@ def predict_oof(args: argparse.Namespace, device: torch.device, options: Inferen
 
 def main(args: argparse.Namespace):
     device = resolve_device(args.device)
-    options = _options(args)
-    if not args.runs:
-        try:
+    try:
+        given = given_options(args)
+        base = InferenceOptions()
+        if not args.runs:
             args.runs = verify(args.weights)
-        except ReferenceWeightsError as error:
-            raise SystemExit(f"error: {error}") from None
-        log.info("reference ensemble %s: %s", args.weights, ", ".join(r.name for r in args.runs))
+            base = inference_options(args.weights)
+            runs = ", ".join(r.name for r in args.runs)
+            log.info("reference ensemble %s: %s", args.weights, runs)
+        options = with_options(base, given)
+    except (ReferenceWeightsError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
     if args.oof:
         return predict_oof(args, device, options)
     if args.out is None:

@@ -3,7 +3,8 @@
     python scripts/quickstart.py
 
 Checks the reference weights in ``weights/`` against their manifest, segments
-the sample's test images with every fold model and writes a validated
+the sample's test images with every fold model, with the bundle's own test-time
+views and family merge (its manifest's ``inference``), and writes a validated
 submission to ``submissions/sample_reference.csv`` with outline overlays in
 ``predictions/sample_overlays/``; then scores the sample's labelled training
 images out of fold (each image only with the models of the fold that did not
@@ -27,7 +28,7 @@ from nucleiseg.family import params_by_family
 from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
 from nucleiseg.inference import load_fold_models, resolve_device
 from nucleiseg.overlays import write_overlay
-from nucleiseg.reference import WEIGHTS_DIR, ReferenceWeightsError, verify
+from nucleiseg.reference import WEIGHTS_DIR, ReferenceWeightsError, inference_options, verify
 from nucleiseg.submission import write_submission
 
 log = logging.getLogger("quickstart")
@@ -48,19 +49,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> float:
     try:
         runs = verify(args.weights)
-    except ReferenceWeightsError as error:
+        options = inference_options(args.weights)
+    except (ReferenceWeightsError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     device = resolve_device(args.device)
     models = [member for run in runs for member in load_fold_models(run, device)]
     params = params_by_family(runs)
     print(f"reference ensemble: {len(models)} fold models of {', '.join(r.name for r in runs)}")
+    print(f"views {options.tta} x scales {options.scales}, family merge {options.family_merge}")
 
     def overlay(image_id: str, image: np.ndarray, labels: np.ndarray) -> None:
         write_overlay(args.overlays / f"{image_id}.png", image, labels)
 
     started = time.perf_counter()
     test_images = data.find_images(args.data_dir / data.TEST_STAGE)
-    labels = segment_images(models, test_images, params, device, on_labels=overlay)
+    labels = segment_images(models, test_images, params, device, options, overlay)
     write_submission(labels, args.out)
     seconds = (time.perf_counter() - started) / max(len(labels), 1)
     print(f"wrote {args.out} ({len(labels)} images, {seconds:.1f} s per image)")
@@ -69,7 +72,14 @@ def main(args: argparse.Namespace) -> float:
     train_images = data.find_images(args.data_dir / data.TRAIN_STAGE)
     fold_of = fold_assignment(args.folds_csv, train_images).set_index("image_id")["fold"]
     write_out_of_fold(
-        models, train_images, fold_of.to_dict(), params, device, args.oof_dir, args.data_dir
+        models,
+        train_images,
+        fold_of.to_dict(),
+        params,
+        device,
+        args.oof_dir,
+        args.data_dir,
+        options,
     )
     per_image = evaluate_run(args.oof_dir, args.data_dir, args.folds_csv)
     print_cv_report(per_image)

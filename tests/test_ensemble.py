@@ -4,16 +4,18 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from nucleiseg.ensemble import merge_families
+from nucleiseg.ensemble import detection_body, fuse_maps, labels_from_raws, merge_families
 from nucleiseg.family import confident_instances, get_family, scored_instances
 from nucleiseg.inference import InferenceOptions
 from nucleiseg.instances import (
     InstanceParams,
     Instances,
     SoftInstances,
+    found_in,
     instances_to_labels,
     merge_views,
 )
+from nucleiseg.postprocess import BODY, PostprocessParams
 
 SHAPE = (64, 96)
 
@@ -101,6 +103,51 @@ def test_family_merge_rules_on_hand_made_instances():
     np.testing.assert_array_equal(merged == merged[40, 75], d & ~c)
     with pytest.raises(ValueError, match="unknown family merge"):
         merge_families([unet], "mean", iou=0.5, min_size=8)
+
+
+def test_fill_keeps_the_first_family_whole_and_adds_what_it_missed():
+    a, a_shifted = _disc((20, 20), 8), _disc((20, 23), 8)
+    only_unet, only_rcnn = _disc((45, 30)), _disc((30, 75))
+    beside_a = _disc((20, 34), 7)  # a different nucleus that overlaps a a little
+    unet = _soft([a, only_unet], [0.6, 0.6])
+    rcnn = _soft([a_shifted, only_rcnn, beside_a], [0.99, 0.99, 0.99])
+    assert found_in(rcnn.binarize(), unet.binarize(), 0.5).tolist() == [True, False, False]
+
+    fill = merge_families([unet, rcnn], "fill", iou=0.5, min_size=8)
+    assert len(np.unique(fill)) - 1 == 4
+    np.testing.assert_array_equal(fill == fill[20, 20], a)  # lower scored, kept whole
+    np.testing.assert_array_equal(fill == fill[30, 75], only_rcnn)
+    np.testing.assert_array_equal(fill == fill[20, 36], beside_a & ~a)  # only its free pixels
+    # The order of the sets decides which family comes first.
+    swapped = merge_families([rcnn, unet], "fill", iou=0.5, min_size=8)
+    np.testing.assert_array_equal(swapped == swapped[20, 20], a_shifted)
+    assert len(np.unique(swapped)) - 1 == 4
+
+
+def test_maps_blends_scored_detections_into_the_body_map():
+    weak_true, lone_blob = _disc((20, 20), 8), _disc((40, 70), 8)
+    maps = np.zeros((3, *SHAPE), np.float32)
+    maps[BODY][weak_true] = 0.45  # below the 0.5 mask threshold: U-Net++ alone misses it
+    maps[BODY][lone_blob] = 0.7  # a nucleus for U-Net++ alone, which Mask R-CNN does not see
+    detections = _soft([weak_true, _disc((22, 20), 8)], [1.0, 0.5])
+    body = detection_body(detections)
+    assert body[20, 20] == 1.0 and body[29, 20] == 0.5 and body[40, 70] == 0.0
+    fused = fuse_maps(maps, detections, weight=0.35)
+    np.testing.assert_allclose(fused[BODY], 0.65 * maps[BODY] + 0.35 * body, atol=1e-6)
+    np.testing.assert_array_equal(fused[1:], maps[1:])
+
+    params = {"unetpp": PostprocessParams(), "maskrcnn": InstanceParams()}
+    alone = labels_from_raws({"unetpp": [maps]}, params)
+    assert alone[20, 20] == 0 and alone[40, 70] > 0
+    both = labels_from_raws(
+        {"unetpp": [maps], "maskrcnn": [detections]},
+        params,
+        InferenceOptions(family_merge="maps", map_weight=0.35),
+    )
+    assert both[20, 20] > 0 and both[40, 70] == 0
+    np.testing.assert_array_equal(both > 0, weak_true)
+    with pytest.raises(ValueError, match="map weight must be in"):
+        fuse_maps(maps, detections, weight=1.5)
 
 
 def test_family_instances_are_scored_and_thresholded():

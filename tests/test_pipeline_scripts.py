@@ -317,6 +317,30 @@ def test_an_int8_bundle_is_smaller_and_predicts(trained_run, bundle, tmp_path):
 
 
 @pytest.mark.slow
+def test_folds_and_precision_are_chosen_per_run(trained_run, tmp_path):
+    run_dir, data_dir, folds_csv = trained_run
+    second = tmp_path / "second"
+    shutil.copytree(run_dir, second)
+    argv = ["--runs", run_dir, second, "--out", tmp_path / "mixed", "--data-dir", data_dir]
+    argv += ["--folds-csv", folds_csv]
+    manifest = run_script(
+        "export_weights", argv + ["--folds", "all", "1", "--precision", "float16", "int8"]
+    )
+    chosen = [(m["run"], m["fold"], m["precision"]) for m in manifest["members"]]
+    assert chosen == [
+        (run_dir.name, 0, "float16"),
+        (run_dir.name, 1, "float16"),
+        ("second", 1, "int8"),
+    ]
+    assert manifest["precision"] == "float16, int8"
+    assert reference.verify(tmp_path / "mixed") == [
+        tmp_path / "mixed" / n for n in (run_dir.name, "second")
+    ]
+    with pytest.raises(SystemExit, match="--precision takes one value or one per run"):
+        run_script("export_weights", argv + ["--precision", "int8", "int8", "int8"])
+
+
+@pytest.mark.slow
 def test_predict_without_runs_uses_the_bundle(trained_run, bundle, tmp_path):
     run_dir, data_dir, _ = trained_run
     weights, _ = bundle
@@ -327,6 +351,33 @@ def test_predict_without_runs_uses_the_bundle(trained_run, bundle, tmp_path):
     for image_id, labels in from_run.items():
         np.testing.assert_array_equal(from_bundle[image_id], labels)
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+
+
+@pytest.mark.slow
+def test_the_bundle_keeps_its_inference_options_and_flags_override_them(trained_run, tmp_path):
+    run_dir, data_dir, folds_csv = trained_run
+    weights = tmp_path / "flip_bundle"
+    argv = ["--runs", run_dir, "--out", weights, "--data-dir", data_dir, "--folds-csv", folds_csv]
+    manifest = run_script("export_weights", argv + ["--tta", "flip", "--merge", "vote"])
+    assert manifest["inference"] == {"tta": "flip", "family_merge": "vote"}
+    assert reference.inference_options(weights).tta == "flip"
+
+    images = ["--images", data_dir / data.TEST_STAGE, "--device", "cpu"]
+    flip = run_script(
+        "predict", images + ["--runs", run_dir, "--tta", "flip", "--out", tmp_path / "f.csv"]
+    )
+    plain = run_script("predict", images + ["--runs", run_dir, "--out", tmp_path / "p.csv"])
+    bundled = run_script("predict", images + ["--weights", weights, "--out", tmp_path / "b.csv"])
+    overridden = run_script(
+        "predict", images + ["--weights", weights, "--tta", "none", "--out", tmp_path / "o.csv"]
+    )
+    if runs_family(run_dir) == "unetpp":  # the tiny Mask R-CNN finds nothing either way
+        assert any(not np.array_equal(flip[i], plain[i]) for i in flip)  # the views matter
+    for image_id in flip:
+        np.testing.assert_array_equal(bundled[image_id], flip[image_id])
+        np.testing.assert_array_equal(overridden[image_id], plain[image_id])
+    with pytest.raises(SystemExit, match="map weight must be in"):
+        run_script("export_weights", argv + ["--map-weight", "2"])
 
 
 @pytest.mark.slow

@@ -7,12 +7,16 @@ instances of the folds are merged by vote (found by enough folds, masks
 averaged). Across families, each family first makes its own instances: U-Net++
 nuclei scored by their mean body probability, Mask R-CNN nuclei by their
 detection score after its tuned thresholds. The two sets are then merged by
-the rule of :class:`nucleiseg.inference.InferenceOptions` (``nms``, ``vote``
-or ``agree``) and overlaps resolved, so each pixel belongs to one nucleus.
+the rule of :class:`nucleiseg.inference.InferenceOptions` (``nms``, ``vote``,
+``agree`` or ``fill``) and overlaps resolved, so each pixel belongs to one nucleus.
+The ``maps`` rule instead fuses the families before instances are made: Mask
+R-CNN's soft masks, weighted by their scores, are blended into U-Net++'s body
+probability, and U-Net++'s watershed makes the nuclei (:func:`fuse_maps`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +30,14 @@ from nucleiseg import oof
 from nucleiseg.data import read_image
 from nucleiseg.family import Params, get_family
 from nucleiseg.inference import FoldModel, InferenceOptions
-from nucleiseg.instances import SoftInstances, merge_views, resolve_overlaps, suppress_duplicates
+from nucleiseg.instances import (
+    SoftInstances,
+    found_in,
+    merge_views,
+    resolve_overlaps,
+    suppress_duplicates,
+)
+from nucleiseg.postprocess import BODY
 from nucleiseg.runs import write_run_info
 
 log = logging.getLogger(__name__)
@@ -46,7 +57,12 @@ def merge_families(
             masks overlap by more than ``iou``; ``vote``: instances matched
             across families (mask IoU above ``iou``) become one, masks averaged
             and kept where at least half the families agree, unmatched ones
-            stay; ``agree``: as ``vote``, but only nuclei found by every family.
+            stay; ``agree``: as ``vote``, but only nuclei found by every family;
+            ``fill``: every nucleus of the first set is kept, and each later set
+            adds the nuclei that no earlier set found (none of whose masks
+            overlaps them by more than ``iou``), painted after them, so that
+            contested pixels go to the earlier set. (The ``maps`` rule of
+            :func:`labels_from_raws` works on maps, before instances exist.)
         iou: Mask IoU above which two instances are the same nucleus.
         min_size: Nuclei left with fewer pixels after overlaps are resolved are dropped.
 
@@ -56,6 +72,21 @@ def merge_families(
     if rule == "nms":
         pooled = SoftInstances.concatenate(list(sets)).binarize(0.5)
         return resolve_overlaps(suppress_duplicates(pooled, FAMILY_BOX_IOU, iou), min_size)
+    if rule == "fill":
+        found = [sets[0].binarize(0.5)]
+        for later in sets[1:]:
+            candidates = later.binarize(0.5)
+            novel = ~np.any([found_in(candidates, earlier, iou) for earlier in found], axis=0)
+            found.append(candidates.subset(novel))
+        # Painting order follows the sets: each set's scores are lifted above
+        # every later set's (scores are probabilities, at most 1).
+        lifted = [
+            SoftInstances.from_instances(
+                dataclasses.replace(f, scores=f.scores + 2.0 * (len(found) - k))
+            )
+            for k, f in enumerate(found)
+        ]
+        return resolve_overlaps(SoftInstances.concatenate(lifted).binarize(0.5), min_size)
     if rule in ("vote", "agree"):
         min_votes = len(sets) if rule == "agree" else 1
         merged = merge_views(list(sets), iou, min_votes)
@@ -63,6 +94,46 @@ def merge_families(
         # instances put it (a mean of exactly 0.5 is kept, so just below 0.5).
         return resolve_overlaps(merged.binarize(0.5 - 1e-6), min_size)
     raise ValueError(f"unknown family merge {rule!r}")
+
+
+def detection_body(detections: SoftInstances) -> np.ndarray:
+    """A body probability map from detections: at each pixel, the highest score x mask value.
+
+    Args:
+        detections: Soft instances of one image (all of them, before any threshold).
+
+    Returns:
+        float32 (H, W) in [0, 1].
+    """
+    body = np.zeros(detections.shape, np.float32)
+    for score, (y0, x0, y1, x1), mask in zip(
+        detections.scores, detections.boxes, detections.masks, strict=True
+    ):
+        np.maximum(body[y0:y1, x0:x1], float(score) * mask, out=body[y0:y1, x0:x1])
+    return body
+
+
+def fuse_maps(maps: np.ndarray, detections: SoftInstances, weight: float) -> np.ndarray:
+    """U-Net++ maps with the detector's nuclei blended into the body channel.
+
+    The body map becomes ``(1 - weight) x body + weight x`` :func:`detection_body`;
+    border and separation stay U-Net++'s, so the watershed draws the boundaries
+    and the detector moves confidence: nuclei both models see get seeds more
+    easily, blobs only U-Net++ sees lose them.
+
+    Args:
+        maps: U-Net++ probability maps (3, H, W): body, border, separation.
+        detections: Mask R-CNN soft instances of the same image.
+        weight: Share of the detector in the body map, in [0, 1].
+
+    Returns:
+        The fused maps, same shape.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"map weight must be in [0, 1], got {weight}")
+    fused = np.array(maps, np.float32, copy=True)
+    fused[BODY] = (1.0 - weight) * fused[BODY] + weight * detection_body(detections)
+    return fused
 
 
 def labels_from_raws(
@@ -81,7 +152,7 @@ def labels_from_raws(
         int32 label image, 0 = background.
     """
     options = options or InferenceOptions()
-    families = sorted(name for name, outputs in raws.items() if outputs)
+    families = [name for name, outputs in raws.items() if outputs]  # in the runs' order
     if not families:
         raise ValueError("no raw outputs to combine")
     missing = [name for name in families if name not in params]
@@ -90,6 +161,11 @@ def labels_from_raws(
     combined = {name: get_family(name).combine(raws[name], options) for name in families}
     if len(families) == 1:
         return get_family(families[0]).to_labels(combined[families[0]], params[families[0]])
+    if options.family_merge == "maps":
+        if sorted(families) != ["maskrcnn", "unetpp"]:
+            raise ValueError(f"the maps merge needs U-Net++ and Mask R-CNN, not {families}")
+        fused = fuse_maps(combined["unetpp"], combined["maskrcnn"], options.map_weight)
+        return get_family("unetpp").to_labels(fused, params["unetpp"])
     sets = [get_family(name).instances(combined[name], params[name]) for name in families]
     min_size = min(params[name].min_size for name in families)
     return merge_families(sets, options.family_merge, options.family_iou, min_size)

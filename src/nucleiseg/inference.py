@@ -9,6 +9,8 @@ are predicted one by one, inverted exactly, and averaged as probabilities.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from nucleiseg.precision import autocast
 from nucleiseg.runs import CONFIG, fold_dirs, weights_path
 from nucleiseg.tiling import check_tile, pad_to_stride, predict_dense_tiled
 
-FAMILY_MERGES = ("nms", "vote", "agree")
+FAMILY_MERGES = ("nms", "vote", "agree", "fill", "maps")
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,13 @@ class InferenceOptions:
         family_merge: How the instances of two families are combined: ``nms``
             (pooled, the higher-scored of two overlapping instances kept),
             ``vote`` (matched instances' masks averaged, unmatched ones kept)
-            or ``agree`` (only nuclei both families found).
+            ``agree`` (only nuclei both families found) or ``fill`` (every
+            nucleus of the first run's family, plus the other family's nuclei
+            it did not find) or ``maps`` (Mask R-CNN's scored soft masks
+            blended into U-Net++'s body map before its watershed).
         family_iou: Mask IoU above which instances of two families are the
             same nucleus.
+        map_weight: ``maps``: share of Mask R-CNN in the fused body map.
     """
 
     tta: str = "none"
@@ -60,11 +66,14 @@ class InferenceOptions:
     vote_iou: float = 0.5
     family_merge: str = "nms"
     family_iou: float = 0.5
+    map_weight: float = 0.35
 
     def __post_init__(self) -> None:
         if self.family_merge not in FAMILY_MERGES:
             choices = ", ".join(FAMILY_MERGES)
             raise ValueError(f"unknown family merge {self.family_merge!r}; choose from {choices}")
+        if not 0.0 <= self.map_weight <= 1.0:
+            raise ValueError(f"map weight must be in [0, 1], got {self.map_weight}")
         tta.transforms(self.tta)
         tta.parse_scales(self.scales)
         if self.tile is not None:
@@ -75,6 +84,43 @@ class InferenceOptions:
     def views(self) -> list[tuple[float, tta.Transform]]:
         """Every (scale, D4 transform) view, scales outermost."""
         return [(s, t) for s in self.scales for t in tta.transforms(self.tta)]
+
+
+def add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """Command-line flags for the fields of :class:`InferenceOptions`, all defaulting to unset."""
+    group = parser.add_argument_group("inference options (default: the bundle's, else built-in)")
+    group.add_argument("--tta", choices=list(tta.TTA_SETS), help="test-time D4 views")
+    group.add_argument("--scales", help="comma-separated, e.g. 1.0,1.25")
+    group.add_argument("--tile", type=int, help="tile side in pixels (multiple of 32)")
+    group.add_argument("--overlap", type=int, help="pixels shared by tiles")
+    group.add_argument("--batch-size", type=int, help="tiles per forward pass")
+    group.add_argument("--vote-fraction", type=float, help="Mask R-CNN views/folds that must agree")
+    group.add_argument("--merge", choices=FAMILY_MERGES, help="family merge")
+    group.add_argument(
+        "--map-weight", type=float, help="--merge maps: Mask R-CNN's share of the body map"
+    )
+
+
+def given_options(args: argparse.Namespace) -> dict:
+    """The :class:`InferenceOptions` fields set by :func:`add_option_arguments` flags."""
+    given = {
+        "tta": args.tta,
+        "scales": None if args.scales is None else list(tta.parse_scales(args.scales)),
+        "tile": args.tile,
+        "overlap": args.overlap,
+        "batch_size": args.batch_size,
+        "vote_fraction": args.vote_fraction,
+        "family_merge": args.merge,
+        "map_weight": args.map_weight,
+    }
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def with_options(base: InferenceOptions, given: dict) -> InferenceOptions:
+    """``base`` with the fields in ``given`` replaced (scales as a tuple)."""
+    if "scales" in given:
+        given = {**given, "scales": tuple(given["scales"])}
+    return dataclasses.replace(base, **given)
 
 
 def resolve_device(name: str) -> torch.device:

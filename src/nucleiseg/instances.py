@@ -229,6 +229,29 @@ def nms_indices(
     return order[keep[kept]]
 
 
+def found_in(a: Instances, b: Instances, iou_threshold: float = 0.5) -> np.ndarray:
+    """For each instance of ``a``, whether a mask of ``b`` overlaps it by more than the threshold.
+
+    Args:
+        a: Instances to look up.
+        b: Instances of the same image to look for them in.
+        iou_threshold: Mask IoU above which two instances are the same nucleus.
+
+    Returns:
+        bool (len(a),).
+    """
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros(len(a), bool)
+    touching = _boxes_touch(np.concatenate([a.boxes, b.boxes]))[: len(a), len(a) :]
+    return np.array(
+        [
+            any(mask_iou(a, i, b, j) > iou_threshold for j in np.flatnonzero(touching[i]))
+            for i in range(len(a))
+        ],
+        bool,
+    )
+
+
 def merge_views(
     views: Sequence[SoftInstances],
     iou_threshold: float = 0.5,

@@ -5,8 +5,10 @@ the run layout of :mod:`nucleiseg.runs` (``<run>/fold<K>/config.yaml``,
 ``run.yaml``, ``weights_fp16.pt`` or ``weights_int8.pt``, and
 ``<run>/postprocess.yaml`` when the run has tuned thresholds), so that every
 function that reads a run folder reads a bundled run the same way.
-``weights/manifest.yaml`` lists each file with its size and sha256, and each
-fold model with its configuration, out-of-fold CV, training time, data and seed.
+``weights/manifest.yaml`` lists each file with its size and sha256, each fold
+model with its configuration, out-of-fold CV, training time, data and seed, and
+the inference options the ensemble was chosen with (test-time views, family
+merge), which the main job and ``scripts/predict.py`` use unless told otherwise.
 
 :func:`verify` checks every listed file before a model is built from it and
 names every missing or altered file in one error.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from nucleiseg.compact import compact_state
 from nucleiseg.config import load_config
 from nucleiseg.evaluation import evaluate_run
 from nucleiseg.folds import DEFAULT_FOLDS_PATH
+from nucleiseg.inference import InferenceOptions, with_options
 from nucleiseg.runs import (
     CONFIG,
     EPOCHS_CSV,
@@ -114,6 +117,11 @@ def read_manifest(weights_dir: Path = WEIGHTS_DIR) -> dict[str, Any]:
     return manifest
 
 
+def inference_options(weights_dir: Path = WEIGHTS_DIR) -> InferenceOptions:
+    """The inference options the bundle's manifest gives (defaults for those it leaves out)."""
+    return with_options(InferenceOptions(), read_manifest(weights_dir).get("inference") or {})
+
+
 def verify(weights_dir: Path = WEIGHTS_DIR) -> list[Path]:
     """Check every file the manifest lists, then return the bundled run folders.
 
@@ -178,15 +186,31 @@ def _member(
     )
 
 
+@dataclass(frozen=True)
+class BundlePart:
+    """The fold models of one run that go into a bundle, and how they are stored.
+
+    Attributes:
+        run: Run folder, with ``fold<K>/`` holding config.yaml, run.yaml,
+            epochs.csv and weights_fp16.pt.
+        folds: Folds to keep (None: every finished fold).
+        precision: ``float16`` copies the weights as trained; ``int8`` stores
+            them per output channel at about half the size (:mod:`nucleiseg.compact`).
+    """
+
+    run: Path
+    folds: tuple[int, ...] | None = None
+    precision: str = "float16"
+
+
 def export(
-    runs: Sequence[Path],
-    folds: Sequence[int] | None = None,
+    parts: Sequence[BundlePart],
     weights_dir: Path = WEIGHTS_DIR,
     data_dir: Path | None = None,
     folds_csv: Path = DEFAULT_FOLDS_PATH,
-    precision: str = "float16",
     max_megabytes: float | None = None,
     note: str = "",
+    inference: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Copy the chosen fold models of finished runs into a bundle and write its manifest.
 
@@ -195,17 +219,16 @@ def export(
     the old bundle as it was.
 
     Args:
-        runs: Run folders, each with ``fold<K>/`` holding config.yaml, run.yaml,
-            epochs.csv and weights_fp16.pt.
-        folds: Folds to keep (default: every finished fold of each run).
+        parts: Each run with the folds to keep and their precision.
         weights_dir: The bundle to (re)write.
         data_dir: Dataset with the true masks, to score each member's
             out-of-fold labels (default: the one in the run's ``run.yaml``).
         folds_csv: Folds file giving each image's fold and modality.
-        precision: ``float16`` copies the weights as trained; ``int8`` stores
-            them per output channel at about half the size (:mod:`nucleiseg.compact`).
         max_megabytes: Refuse a bundle larger than this.
         note: Free text kept in the manifest (e.g. the command that made it).
+        inference: Fields of :class:`nucleiseg.inference.InferenceOptions` the
+            ensemble is meant to run with (e.g. ``{"tta": "flip"}``); the rest
+            keep their defaults.
 
     Returns:
         The manifest written.
@@ -213,14 +236,18 @@ def export(
     Raises:
         FileNotFoundError: If a run has none of the folds asked for, or a
             chosen fold has no out-of-fold labels to score.
-        ValueError: If the bundle would exceed ``max_megabytes``.
+        ValueError: If the bundle would exceed ``max_megabytes``, or
+            ``inference`` is not a valid set of options.
     """
+    inference = dict(inference or {})
+    with_options(InferenceOptions(), inference)  # refuse bad fields and values before any work
     weights_dir = Path(weights_dir)
     staging = weights_dir.with_name(f".{weights_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     members, files = [], {}
-    weights_name = WEIGHTS if precision == "float16" else WEIGHTS_INT8
-    for run_dir in map(Path, runs):
+    for part in parts:
+        run_dir, folds, precision = Path(part.run), part.folds, part.precision
+        weights_name = WEIGHTS if precision == "float16" else WEIGHTS_INT8
         chosen = {
             k: d
             for k, d in fold_dirs(run_dir).items()
@@ -261,8 +288,9 @@ def export(
         )
     manifest = {
         "note": note,
-        "precision": precision,
+        "precision": ", ".join(sorted({part.precision for part in parts})),
         "total_megabytes": round(megabytes, 1),
+        "inference": inference,
         "members": members,
         "files": files,
     }
