@@ -60,10 +60,7 @@ def main(args: argparse.Namespace) -> dict:
         folds = [None]
         if args.folds:
             available = read_folds(args.folds_csv)["fold"]
-            folds = [
-                None if spec == "all" else tuple(parse_fold_list(spec, available))
-                for spec in args.folds
-            ]
+            folds = [tuple(parse_fold_list(spec, available)) for spec in args.folds]
         parts = [
             BundlePart(run, run_folds, precision)
             for run, run_folds, precision in zip(

@@ -47,8 +47,8 @@ class InferenceOptions:
             the same nucleus.
         family_merge: How the instances of two families are combined: ``nms``
             (pooled, the higher-scored of two overlapping instances kept),
-            ``vote`` (matched instances' masks averaged, unmatched ones kept)
-            ``agree`` (only nuclei both families found) or ``fill`` (every
+            ``vote`` (matched instances' masks averaged, unmatched ones kept),
+            ``agree`` (only nuclei both families found), ``fill`` (every
             nucleus of the first run's family, plus the other family's nuclei
             it did not find) or ``maps`` (Mask R-CNN's scored soft masks
             blended into U-Net++'s body map before its watershed).
