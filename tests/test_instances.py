@@ -9,6 +9,7 @@ from nucleiseg.instances import (
     Instances,
     instances_to_labels,
     mask_iou,
+    resolve_overlaps,
     suppress_duplicates,
 )
 from nucleiseg.metric import average_precision
@@ -54,6 +55,16 @@ def test_score_threshold_and_small_remnants_are_dropped():
     # The ring loses every pixel to the big disc; the faint disc is below threshold.
     assert np.unique(labels).tolist() == [0, 1]
     np.testing.assert_array_equal(labels == 1, big)
+
+
+def test_a_given_painting_order_overrides_the_scores():
+    low, high = _disc((30, 30), 10), _disc((30, 44), 10)
+    both = Instances.concatenate([_instances([low], [0.6]), _instances([high], [0.95])])
+    labels = resolve_overlaps(both, min_size=8, order=np.array([0, 1]))
+    np.testing.assert_array_equal(labels == 1, low)  # painted first, keeps the shared pixels
+    np.testing.assert_array_equal(labels == 2, high & ~low)
+    with pytest.raises(ValueError, match="each of the 2 instances once"):
+        resolve_overlaps(both, order=np.array([1, 1]))
 
 
 def test_result_does_not_depend_on_input_order():

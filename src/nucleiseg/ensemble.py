@@ -4,19 +4,19 @@ Within a family, models are combined in the form of its raw output: U-Net++
 probability maps (over folds and test-time views) are averaged before the
 watershed, so that the models' agreement decides every boundary; Mask R-CNN
 instances of the folds are merged by vote (found by enough folds, masks
-averaged). Across families, each family first makes its own instances: U-Net++
-nuclei scored by their mean body probability, Mask R-CNN nuclei by their
-detection score after its tuned thresholds. The two sets are then merged by
-the rule of :class:`nucleiseg.inference.InferenceOptions` (``nms``, ``vote``,
-``agree`` or ``fill``) and overlaps resolved, so each pixel belongs to one nucleus.
-The ``maps`` rule instead fuses the families before instances are made: Mask
-R-CNN's soft masks, weighted by their scores, are blended into U-Net++'s body
-probability, and U-Net++'s watershed makes the nuclei (:func:`fuse_maps`).
+averaged). Across families, the default ``maps`` rule of
+:class:`nucleiseg.inference.InferenceOptions` fuses them before instances are
+made: Mask R-CNN's soft masks, weighted by their scores, are blended into
+U-Net++'s body probability, and U-Net++'s watershed makes the nuclei
+(:func:`fuse_maps`). The instance-level rules (``nms``, ``vote``, ``agree``,
+``fill``) let each family make its own instances first (U-Net++ nuclei scored
+by their mean body probability, Mask R-CNN nuclei by their detection score after
+its tuned thresholds), merge the two sets and resolve overlaps, so each pixel
+belongs to one nucleus (:func:`merge_families`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +31,7 @@ from nucleiseg.data import read_image
 from nucleiseg.family import Params, get_family
 from nucleiseg.inference import FoldModel, InferenceOptions
 from nucleiseg.instances import (
+    Instances,
     SoftInstances,
     found_in,
     merge_views,
@@ -78,15 +79,12 @@ def merge_families(
             candidates = later.binarize(0.5)
             novel = ~np.any([found_in(candidates, earlier, iou) for earlier in found], axis=0)
             found.append(candidates.subset(novel))
-        # Painting order follows the sets: each set's scores are lifted above
-        # every later set's (scores are probabilities, at most 1).
-        lifted = [
-            SoftInstances.from_instances(
-                dataclasses.replace(f, scores=f.scores + 2.0 * (len(found) - k))
-            )
-            for k, f in enumerate(found)
-        ]
-        return resolve_overlaps(SoftInstances.concatenate(lifted).binarize(0.5), min_size)
+        # Each set is painted after the earlier ones, by score within a set.
+        offsets = np.cumsum([0] + [len(f) for f in found[:-1]])
+        order = np.concatenate(
+            [f.canonical_order() + offset for f, offset in zip(found, offsets, strict=True)]
+        )
+        return resolve_overlaps(Instances.concatenate(found), min_size, order)
     if rule in ("vote", "agree"):
         min_votes = len(sets) if rule == "agree" else 1
         merged = merge_views(list(sets), iou, min_votes)

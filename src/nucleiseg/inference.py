@@ -45,13 +45,14 @@ class InferenceOptions:
             find a nucleus for it to be kept.
         vote_iou: Mask R-CNN: mask IoU above which instances of two views are
             the same nucleus.
-        family_merge: How the instances of two families are combined: ``nms``
-            (pooled, the higher-scored of two overlapping instances kept),
+        family_merge: How two families are combined: ``maps`` (Mask R-CNN's
+            scored soft masks blended into U-Net++'s body map before its
+            watershed; the default, the best measured out of fold), ``nms``
+            (pooled instances, the higher-scored of two overlapping ones kept),
             ``vote`` (matched instances' masks averaged, unmatched ones kept),
-            ``agree`` (only nuclei both families found), ``fill`` (every
+            ``agree`` (only nuclei both families found) or ``fill`` (every
             nucleus of the first run's family, plus the other family's nuclei
-            it did not find) or ``maps`` (Mask R-CNN's scored soft masks
-            blended into U-Net++'s body map before its watershed).
+            it did not find).
         family_iou: Mask IoU above which instances of two families are the
             same nucleus.
         map_weight: ``maps``: share of Mask R-CNN in the fused body map.
@@ -64,7 +65,7 @@ class InferenceOptions:
     batch_size: int = 4
     vote_fraction: float = 0.5
     vote_iou: float = 0.5
-    family_merge: str = "nms"
+    family_merge: str = "maps"
     family_iou: float = 0.5
     map_weight: float = 0.35
 

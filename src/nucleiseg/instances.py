@@ -64,6 +64,21 @@ class _BoxedMasks:
         """No instance."""
         return cls(tuple(shape), np.zeros(0), np.zeros((0, 4), np.int64), ())
 
+    @classmethod
+    def concatenate(cls, items: Sequence):
+        """All instances of several sets for the same image, in order."""
+        if not items:
+            raise ValueError("nothing to concatenate")
+        shapes = {tuple(item.shape) for item in items}
+        if len(shapes) != 1:
+            raise ValueError(f"instances of different images: shapes {sorted(shapes)}")
+        return cls(
+            items[0].shape,
+            np.concatenate([np.asarray(item.scores, float) for item in items]),
+            np.concatenate([item.boxes for item in items]).astype(np.int64),
+            tuple(mask for item in items for mask in item.masks),
+        )
+
     def subset(self, keep: np.ndarray):
         """The instances at the indices (or boolean mask) ``keep``, in that order."""
         keep = np.asarray(keep)
@@ -123,21 +138,6 @@ class Instances(_BoxedMasks):
 @dataclass(frozen=True, eq=False)
 class SoftInstances(_BoxedMasks):
     """Instances with probability masks in [0, 1]: a detector's output before thresholding."""
-
-    @classmethod
-    def concatenate(cls, items: Sequence[SoftInstances]) -> SoftInstances:
-        """All instances of several sets for the same image, in order."""
-        if not items:
-            raise ValueError("nothing to concatenate")
-        shapes = {tuple(item.shape) for item in items}
-        if len(shapes) != 1:
-            raise ValueError(f"instances of different images: shapes {sorted(shapes)}")
-        return cls(
-            items[0].shape,
-            np.concatenate([np.asarray(item.scores, float) for item in items]),
-            np.concatenate([item.boxes for item in items]).astype(np.int64),
-            tuple(mask for item in items for mask in item.masks),
-        )
 
     @classmethod
     def from_instances(cls, instances: Instances) -> SoftInstances:
@@ -336,19 +336,27 @@ def _boxes_touch(boxes: np.ndarray) -> np.ndarray:
     )
 
 
-def resolve_overlaps(instances: Instances, min_size: int = 8) -> np.ndarray:
-    """Paint instances into a label image, the higher score winning contested pixels.
+def resolve_overlaps(
+    instances: Instances, min_size: int = 8, order: np.ndarray | None = None
+) -> np.ndarray:
+    """Paint instances into a label image, the earlier painted winning contested pixels.
 
     Args:
         instances: Scored instances of one image.
         min_size: An instance left with fewer pixels than this is dropped.
+        order: Indices of all instances in painting order; by default
+            :meth:`Instances.canonical_order` (the higher score first).
 
     Returns:
-        int32 label image, labels 1..n from the highest score down.
+        int32 label image, labels 1..n in painting order.
     """
+    if order is None:
+        order = instances.canonical_order()
+    elif sorted(np.asarray(order).tolist()) != list(range(len(instances))):
+        raise ValueError(f"order must list each of the {len(instances)} instances once")
     labels = np.zeros(instances.shape, np.int32)
     label = 0
-    for i in instances.canonical_order():
+    for i in order:
         y0, x0, y1, x1 = instances.boxes[i]
         window = labels[y0:y1, x0:x1]
         free = instances.masks[i] & (window == 0)
