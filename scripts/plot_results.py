@@ -14,6 +14,7 @@ CV overall and per modality). Nothing is recomputed.
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from nucleiseg.modality import MODALITIES
 REPORTED = "reported.csv"
 LEADERBOARD_PNG = "leaderboard.png"
 MODALITY_PNG = "cv_by_modality.png"
+LABEL_WIDTH = 36  # characters per line of a variant name
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,23 +48,31 @@ def read_leaderboards(results: Path) -> dict[str, pd.DataFrame]:
 
 
 def _colour(delta: float) -> str:
+    """Grey for the baseline and for deltas that round to zero at the 4 digits shown."""
+    delta = round(float(delta), 4)
     return "0.6" if delta == 0 else ("tab:green" if delta > 0 else "tab:red")
 
 
 def plot_leaderboards(boards: dict[str, pd.DataFrame], path: Path) -> None:
     """One horizontal bar panel per ablation, best variant on top, baseline in grey."""
-    heights = [max(len(b), 2) * 0.32 + 0.9 for b in boards.values()]
-    figure = Figure(figsize=(8, sum(heights)), layout="tight")
+    labels = {
+        name: [textwrap.fill(str(v), LABEL_WIDTH) for v in board["variant"]]
+        for name, board in boards.items()
+    }
+    heights = [
+        0.9 + 0.3 * max(sum(label.count("\n") + 1 for label in labels[name]), 2) for name in boards
+    ]
+    figure = Figure(figsize=(9, sum(heights)), layout="tight")
     axes = figure.subplots(len(boards), 1, height_ratios=heights, squeeze=False)
     for axis, (name, board) in zip(axes[:, 0], boards.items(), strict=True):
-        ranked = board.sort_values("cv")
+        ranked = board.assign(label=labels[name]).sort_values("cv")
         colours = [_colour(delta) for delta in ranked["delta"]]
-        axis.barh(ranked["variant"], ranked["cv"], color=colours)
+        axis.barh(ranked["label"], ranked["cv"], color=colours)
         for y, (cv, delta) in enumerate(zip(ranked["cv"], ranked["delta"], strict=True)):
             axis.text(cv, y, f" {cv:.4f} ({delta:+.4f})", va="center", fontsize=8)
         low, high = ranked["cv"].min(), ranked["cv"].max()
         margin = max(high - low, 0.01)
-        axis.set_xlim(max(0.0, low - margin), high + 0.6 * margin)
+        axis.set_xlim(max(0.0, low - margin), high + 0.9 * margin)
         axis.set_title(f"{name}: out-of-fold CV (grey = baseline)", fontsize=10, loc="left")
         axis.tick_params(labelsize=8)
     _save(figure, path)

@@ -11,7 +11,11 @@ def test_plots_are_written_from_leaderboards_and_reported_numbers(tmp_path):
     results.mkdir()
     pd.DataFrame(
         {
-            "variant": ["baseline", "better", "worse"],
+            "variant": [
+                "baseline, a name long enough to be wrapped on two lines",
+                "better",
+                "worse",
+            ],
             "images": 10,
             "cv": [0.5, 0.55, 0.45],
             "delta": [0.0, 0.05, -0.05],
