@@ -7,8 +7,9 @@ Reads the leaderboards ``scripts/ablate.py`` wrote (``<results>/*.csv`` with a
 ``variant`` column) and the re-scored README numbers of
 ``scripts/reproduce_cv.py`` (``<results>/reported.csv``), and writes
 ``leaderboard.png`` (one panel per ablation: each variant's CV, best first,
-with the baseline marked) and ``cv_by_modality.png`` (each reported result's
-CV overall and per modality). Nothing is recomputed.
+with the baseline marked) and ``cv_by_modality.png`` (CV overall and per
+modality of each reported result scored on all images; single-fold ones are
+left out). Nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def plot_leaderboards(boards: dict[str, pd.DataFrame], path: Path) -> None:
     _save(figure, path)
 
 
+def full_cv(reported: pd.DataFrame) -> pd.DataFrame:
+    """The reported results scored on the most images (all folds), not single-fold ablations."""
+    return reported[reported["images"] == reported["images"].max()]
+
+
 def plot_modalities(reported: pd.DataFrame, path: Path) -> None:
     """Grouped bars: each reported result's CV overall and per modality."""
     groups = ["cv", *MODALITIES]
@@ -95,7 +101,8 @@ def plot_modalities(reported: pd.DataFrame, path: Path) -> None:
     axis.set_ylabel("mean AP, out of fold")
     axis.set_ylim(0, 1)
     axis.legend(fontsize=8, loc="upper right")
-    axis.set_title("CV per modality", fontsize=10, loc="left")
+    images = int(reported["images"].max())
+    axis.set_title(f"CV per modality, out of fold on {images} images", fontsize=10, loc="left")
     _save(figure, path)
 
 
@@ -112,7 +119,7 @@ def main(args: argparse.Namespace) -> list[Path]:
         plot_leaderboards(boards, out_dir / LEADERBOARD_PNG)
         written.append(out_dir / LEADERBOARD_PNG)
     if (args.results / REPORTED).is_file():
-        plot_modalities(pd.read_csv(args.results / REPORTED), out_dir / MODALITY_PNG)
+        plot_modalities(full_cv(pd.read_csv(args.results / REPORTED)), out_dir / MODALITY_PNG)
         written.append(out_dir / MODALITY_PNG)
     if not written:
         raise SystemExit(f"{args.results}: no leaderboard CSV and no {REPORTED} to draw")

@@ -5,6 +5,8 @@ import pandas as pd
 import pytest
 from helpers import run_script
 
+from scripts.plot_results import full_cv
+
 
 def test_plots_are_written_from_leaderboards_and_reported_numbers(tmp_path):
     results = tmp_path / "results"
@@ -49,3 +51,10 @@ def test_plots_are_written_from_leaderboards_and_reported_numbers(tmp_path):
 def test_nothing_to_draw_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="no leaderboard CSV"):
         run_script("plot_results", ["--results", tmp_path])
+
+
+def test_per_modality_plot_keeps_results_scored_on_all_images():
+    reported = pd.DataFrame(
+        {"name": ["all folds A", "fold 0 only", "all folds B"], "images": [664, 133, 664]}
+    )
+    assert full_cv(reported)["name"].tolist() == ["all folds A", "all folds B"]
