@@ -19,8 +19,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from nucleiseg.atomic import atomic_path
-from nucleiseg.evaluation import evaluate_run, markdown_table, print_cv_report, threshold_table
+from nucleiseg import cli
+from nucleiseg.atomic import output_problem, write_text
 
 log = logging.getLogger("evaluate_oof")
 
@@ -48,10 +48,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> float:
-    per_image = evaluate_run(args.run_dir, args.data_dir, args.folds_csv, args.params)
+    from nucleiseg.data import DataError
+    from nucleiseg.evaluation import evaluate_run, markdown_table, print_cv_report, threshold_table
+
+    if args.per_image is not None:
+        cli.refuse_if([output_problem(args.per_image)])
+    with cli.refusing(DataError, FileNotFoundError):
+        per_image = evaluate_run(args.run_dir, args.data_dir, args.folds_csv, args.params)
     if args.per_image:
-        with atomic_path(args.per_image) as tmp:
-            per_image.to_csv(tmp, index=False)
+        with cli.refusing(OSError, status=cli.FAILURE_STATUS):
+            write_text(args.per_image, per_image.to_csv(index=False))
     if args.markdown:
         print(markdown_table(per_image), end="\n\n")
     if args.per_threshold:

@@ -26,7 +26,7 @@ import pandas as pd
 
 from nucleiseg.compact import PRECISIONS
 from nucleiseg.folds import DEFAULT_FOLDS_PATH, parse_fold_list, read_folds
-from nucleiseg.inference import add_option_arguments, given_options
+from nucleiseg.options import add_option_arguments, given_options
 from nucleiseg.reference import WEIGHTS_DIR, BundlePart, export
 
 

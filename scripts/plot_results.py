@@ -7,9 +7,11 @@ Reads the leaderboards ``scripts/ablate.py`` wrote (``<results>/*.csv`` with a
 ``variant`` column) and the re-scored README numbers of
 ``scripts/reproduce_cv.py`` (``<results>/reported.csv``), and writes
 ``leaderboard.png`` (one panel per ablation: each variant's CV, best first,
-with the baseline marked) and ``cv_by_modality.png`` (CV overall and per
+with the baseline marked), ``cv_by_modality.png`` (CV overall and per
 modality of each reported result scored on all images; single-fold ones are
-left out). Nothing is recomputed.
+left out) and, for each leaderboard that also scored external data (such as
+MoNuSeg test, held out), ``<name>.png`` with the CV, its modalities and each
+external score side by side. Nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from nucleiseg.ablation import FIXED_COLUMNS
 from nucleiseg.atomic import atomic_path
 from nucleiseg.modality import MODALITIES
 
@@ -79,6 +82,36 @@ def plot_leaderboards(boards: dict[str, pd.DataFrame], path: Path) -> None:
     _save(figure, path)
 
 
+def external_columns(board: pd.DataFrame) -> list[str]:
+    """The columns of a leaderboard that score external data sets."""
+    return [c for c in board.columns if c not in FIXED_COLUMNS]
+
+
+def plot_external(board: pd.DataFrame, name: str, path: Path) -> None:
+    """One panel per score (CV, each modality, each external set), variants in CV order."""
+    panels = ["cv", *MODALITIES, *external_columns(board)]
+    panels = [p for p in panels if board[p].notna().any()]
+    ranked = board.sort_values("cv")
+    labels = [textwrap.fill(str(v), LABEL_WIDTH) for v in ranked["variant"]]
+    height = max(2.5, 0.9 + 0.32 * sum(label.count("\n") + 1 for label in labels))
+    figure = Figure(figsize=(3.0 + 2.4 * len(panels), height), layout="tight")
+    axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    baseline = board.loc[board["delta"] == 0, "variant"]
+    for axis, panel in zip(axes, panels, strict=True):
+        values = ranked[panel].to_numpy(dtype=float)
+        colours = ["0.6" if v in set(baseline) else "tab:blue" for v in ranked["variant"]]
+        axis.barh(labels, np.nan_to_num(values), color=colours)
+        for y, value in enumerate(values):
+            if np.isfinite(value):
+                axis.text(value, y, f" {value:.3f}", va="center", fontsize=7)
+        axis.set_xlim(0, min(1.0, 1.3 * np.nanmax(values)) if np.isfinite(values).any() else 1)
+        axis.set_title("DSB OOF CV" if panel == "cv" else panel, fontsize=9)
+        axis.tick_params(labelsize=7)
+    title = f"{name}: mean AP per data set (grey = baseline)"
+    figure.suptitle(title, fontsize=10, x=0.01, ha="left")
+    _save(figure, path)
+
+
 def full_cv(reported: pd.DataFrame) -> pd.DataFrame:
     """The reported results scored on the most images (all folds), not single-fold ablations."""
     return reported[reported["images"] == reported["images"].max()]
@@ -118,6 +151,10 @@ def main(args: argparse.Namespace) -> list[Path]:
     if boards:
         plot_leaderboards(boards, out_dir / LEADERBOARD_PNG)
         written.append(out_dir / LEADERBOARD_PNG)
+    for name, board in boards.items():
+        if external_columns(board):
+            plot_external(board, name, out_dir / f"{name}.png")
+            written.append(out_dir / f"{name}.png")
     if (args.results / REPORTED).is_file():
         plot_modalities(full_cv(pd.read_csv(args.results / REPORTED)), out_dir / MODALITY_PNG)
         written.append(out_dir / MODALITY_PNG)

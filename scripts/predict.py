@@ -16,8 +16,15 @@ bundle). Every finished fold of every run predicts each image, over the test-tim
 (``--tta``, ``--scales``), whole or in overlapping tiles (``--tile``,
 ``--overlap``). U-Net++ folds are averaged as probabilities, Mask R-CNN folds
 merged by vote, and the two families merged by ``--merge``; each run's tuned
-thresholds are used (its ``postprocess.yaml``). ``--images`` is a folder in the
+thresholds are used (its ``postprocess.yaml``, that of the run above when
+``--runs`` names one fold folder). ``--images`` is a folder in the
 competition layout or a plain folder of PNG/TIFF files.
+
+Every input and output is checked before any model loads: the output paths,
+every image's header, the bundle against its manifest or each run's configs
+and weights against their recorded checksums. Each problem is printed on its
+own ``error:`` line and the exit status is 2; a file that cannot be written
+later (a full disk) stops the run with one line naming it and status 1.
 
 With ``--oof``, each training image of the runs' data is predicted by the
 models of its own fold only, and the label images are written as a run
@@ -28,39 +35,23 @@ scores; the script prints the same tables and ends with ``cv: <value>``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from nucleiseg import data, oof
-from nucleiseg.ensemble import segment_images, write_out_of_fold
-from nucleiseg.evaluation import evaluate_run, print_cv_report
-from nucleiseg.family import params_by_family
-from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
-from nucleiseg.inference import (
-    InferenceOptions,
-    add_option_arguments,
-    given_options,
-    load_fold_models,
-    resolve_device,
-    with_options,
-)
-from nucleiseg.overlays import write_overlay
-from nucleiseg.reference import WEIGHTS_DIR, ReferenceWeightsError, inference_options, verify
-from nucleiseg.runs import fold_dirs, read_run_info
-from nucleiseg.submission import write_submission
+from nucleiseg import cli, data
 
 log = logging.getLogger("predict")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from nucleiseg.options import add_option_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, nargs="+", help="run folders (default: --weights)")
     parser.add_argument(
-        "--weights", type=Path, default=WEIGHTS_DIR, help="reference bundle used without --runs"
+        "--weights", type=Path, default=cli.WEIGHTS_DIR, help="reference bundle used without --runs"
     )
     parser.add_argument(
         "--images", type=Path, default=data.SAMPLE_DIR / data.TEST_STAGE, help="images to segment"
@@ -72,24 +63,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--oof", action="store_true", help="predict the runs' OOF images")
     parser.add_argument("--out-dir", type=Path, help="with --oof: run folder to write")
     parser.add_argument("--data-dir", type=Path, help="with --oof: dataset (default: the runs')")
-    parser.add_argument("--folds-csv", type=Path, default=DEFAULT_FOLDS_PATH)
+    parser.add_argument("--folds-csv", type=Path, default=cli.DEFAULT_FOLDS_PATH)
     add_option_arguments(parser)
     return parser
 
 
 def _writer(args: argparse.Namespace):
     """The per-image callback: label PNGs and overlays, as asked."""
+    from nucleiseg.oof import write_label_png
+    from nucleiseg.overlays import write_overlay
 
-    def write(image_id: str, image: np.ndarray, labels: np.ndarray) -> None:
+    def write(image_id: str, image, labels) -> None:
         if args.save_labels:
-            oof.write_label_png(args.save_labels / f"{image_id}.png", labels)
+            write_label_png(args.save_labels / f"{image_id}.png", labels)
         if args.save_overlays:
             write_overlay(args.save_overlays / f"{image_id}.png", image, labels)
 
     return write
 
 
-def _summary(labels: dict[str, np.ndarray], seconds: float, shapes: set) -> str:
+def _summary(labels: dict, seconds: float, shapes: set) -> str:
+    import numpy as np
+
     nuclei = sum(int(np.count_nonzero(np.unique(v))) for v in labels.values())
     sizes = ", ".join(f"{h}x{w}" for h, w in sorted(shapes)[:3]) + (
         ", ..." if len(shapes) > 3 else ""
@@ -100,64 +95,168 @@ def _summary(labels: dict[str, np.ndarray], seconds: float, shapes: set) -> str:
     )
 
 
-def predict_oof(args: argparse.Namespace, device: torch.device, options: InferenceOptions) -> float:
+def _changed(settings) -> str:
+    """The fields of a settings dataclass that differ from its defaults, as ``name=value``."""
+    defaults = type(settings)()
+    changed = [
+        f"{field.name}={getattr(settings, field.name)}"
+        for field in dataclasses.fields(settings)
+        if getattr(settings, field.name) != getattr(defaults, field.name)
+    ]
+    return ", ".join(changed) or "defaults"
+
+
+def _oof_inputs(args: argparse.Namespace, runs: list[Path]) -> tuple[Path | None, dict, dict, list]:
+    """The dataset, its training images and their folds for ``--oof``, and the problems met."""
+    from nucleiseg.checks import image_problems
+    from nucleiseg.folds import fold_assignment
+    from nucleiseg.runs import fold_dirs, read_run_info
+
+    data_dir = args.data_dir
+    first_folds = list(fold_dirs(runs[0]).values()) if runs else []
+    if data_dir is None and not first_folds:
+        return None, {}, {}, []  # the run's own problem is reported
+    try:
+        if data_dir is None:
+            data_dir = Path(read_run_info(first_folds[0])["data_dir"])
+        images, problems = image_problems(data.labelled_root(data_dir))
+        fold_of = {}
+        if images:
+            assignment = fold_assignment(args.folds_csv, images)
+            fold_of = assignment.set_index("image_id")["fold"].to_dict()
+    except (data.DataError, OSError, KeyError) as error:
+        return None, {}, {}, [str(error)]
+    return data_dir, images, fold_of, problems
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """What a prediction needs, every part checked before any model loads."""
+
+    runs: list[Path]
+    images: dict[str, Path]
+    params: dict
+    options: object
+    device: object
+    data_dir: Path | None = None
+    fold_of: dict[str, int] | None = None
+
+
+def _check_inputs(args: argparse.Namespace) -> _Inputs:
+    """Check outputs, runs or bundle, images and options; refuse (status 2) naming every problem."""
+    from nucleiseg.checks import bundle_problems, image_problems, output_problems, run_problems
+    from nucleiseg.family import params_by_family
+    from nucleiseg.inference import InferenceOptions, resolve_device, with_options
+    from nucleiseg.options import given_options
+    from nucleiseg.reference import inference_options
+
+    problems = []
+    if args.oof:
+        if args.out_dir is None:
+            problems.append("--oof needs --out-dir")
+        problems += output_problems(folders=[args.out_dir, args.save_labels, args.save_overlays])
+    else:
+        if args.out is None:
+            problems.append("--out is required (or --oof with --out-dir)")
+        problems += output_problems([args.out], [args.save_labels, args.save_overlays])
+    if args.runs:
+        runs = list(args.runs)
+        problems += run_problems(runs)
+    else:
+        runs, bundle = bundle_problems(args.weights)
+        problems += bundle
+    data_dir, fold_of = None, None
+    if args.oof:
+        data_dir, images, fold_of, found = _oof_inputs(args, runs)
+    else:
+        images, found = image_problems(args.images)
+    problems += found
+    options = device = params = None
+    try:
+        given = given_options(args)
+    except ValueError as error:  # the only flag parsed here
+        problems.append(f"--scales {args.scales}: {error}")
+        given = {}
+    try:
+        base = inference_options(args.weights) if runs and not args.runs else InferenceOptions()
+        options = with_options(base, given)
+        device = resolve_device(args.device)
+        if runs and not problems:
+            params = params_by_family(runs)
+    except (data.DataError, ValueError, RuntimeError) as error:
+        problems.append(str(error))
+    cli.refuse_if(problems)
+    return _Inputs(runs, images, params, options, device, data_dir, fold_of)
+
+
+def main(args: argparse.Namespace):
+    from nucleiseg.atomic import WriteError
+    from nucleiseg.family import run_config
+    from nucleiseg.runs import postprocess_path
+
+    inputs = _check_inputs(args)
+    if not args.runs:
+        log.info("reference ensemble %s", args.weights)
+    for run in inputs.runs:
+        tuned = postprocess_path(run)
+        source = tuned if tuned.is_file() else f"its training config (no {tuned})"
+        log.info("%s: %s, thresholds from %s", run, run_config(run).model, source)
+    for name, thresholds in inputs.params.items():
+        log.info("%s thresholds: %s", name, _changed(thresholds))
+    log.info("%d images; inference options: %s", len(inputs.images), _changed(inputs.options))
+    with cli.refusing(data.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
+        return _predict_oof(args, inputs) if args.oof else _predict(args, inputs)
+
+
+def _predict(args: argparse.Namespace, inputs: _Inputs) -> dict:
+    """Segment the images, writing each one's outputs as it comes, then the submission."""
+    from nucleiseg.ensemble import segment_images
+    from nucleiseg.inference import load_fold_models
+    from nucleiseg.submission import write_submission
+
+    device = inputs.device
+    models = [member for run in inputs.runs for member in load_fold_models(run, device)]
+    log.info("%d fold models", len(models))
+    started = time.perf_counter()
+    labels = segment_images(
+        models, inputs.images, inputs.params, device, inputs.options, _writer(args)
+    )
+    seconds = time.perf_counter() - started
+    write_submission(labels, args.out)
+    shapes = {data.image_size(p) for p in inputs.images.values()}
+    print(f"{_summary(labels, seconds, shapes)} -> {args.out}")
+    if args.save_overlays:
+        print(f"overlays: {args.save_overlays}")
+    return labels
+
+
+def _predict_oof(args: argparse.Namespace, inputs: _Inputs) -> float:
     """Each training image predicted by its own fold's models; returns the CV score."""
-    if args.out_dir is None:
-        raise SystemExit("--oof needs --out-dir")
-    first_fold = next(iter(fold_dirs(args.runs[0]).values()))
-    data_dir = args.data_dir or Path(read_run_info(first_fold)["data_dir"])
-    images = data.find_images(data_dir / data.TRAIN_STAGE)
-    fold_of = fold_assignment(args.folds_csv, images).set_index("image_id")["fold"].to_dict()
-    models = [member for run in args.runs for member in load_fold_models(run, device)]
-    images = {i: p for i, p in images.items() if fold_of[i] in {m.fold for m in models}}
+    from nucleiseg.ensemble import write_out_of_fold
+    from nucleiseg.evaluation import evaluate_run, print_cv_report
+    from nucleiseg.inference import load_fold_models
+
+    device = inputs.device
+    models = [member for run in inputs.runs for member in load_fold_models(run, device)]
+    log.info("%d fold models", len(models))
+    folds = {m.fold for m in models}
+    images = {i: p for i, p in inputs.images.items() if inputs.fold_of[i] in folds}
     results = write_out_of_fold(
         models,
         images,
-        fold_of,
-        params_by_family(args.runs),
+        inputs.fold_of,
+        inputs.params,
         device,
         args.out_dir,
-        data_dir,
-        options,
+        inputs.data_dir,
+        inputs.options,
         _writer(args),
     )
     for fold, (labels, seconds) in results.items():
         shapes = {data.image_size(images[i]) for i in labels}
         print(f"fold {fold}: {_summary(labels, seconds, shapes)}")
-    per_image = evaluate_run(args.out_dir, data_dir, args.folds_csv)
+    per_image = evaluate_run(args.out_dir, inputs.data_dir, args.folds_csv)
     return print_cv_report(per_image)
-
-
-def main(args: argparse.Namespace):
-    device = resolve_device(args.device)
-    try:
-        given = given_options(args)
-        base = InferenceOptions()
-        if not args.runs:
-            args.runs = verify(args.weights)
-            base = inference_options(args.weights)
-            runs = ", ".join(r.name for r in args.runs)
-            log.info("reference ensemble %s: %s", args.weights, runs)
-        options = with_options(base, given)
-    except (ReferenceWeightsError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
-    if args.oof:
-        return predict_oof(args, device, options)
-    if args.out is None:
-        raise SystemExit("--out is required (or --oof with --out-dir)")
-    models = [member for run in args.runs for member in load_fold_models(run, device)]
-    params = params_by_family(args.runs)
-    images = data.find_images(args.images)
-    log.info("%d models, %d images, %s, %s", len(models), len(images), params, options)
-    started = time.perf_counter()
-    labels = segment_images(models, images, params, device, options, _writer(args))
-    seconds = time.perf_counter() - started
-    write_submission(labels, args.out)
-    shapes = {data.image_size(p) for p in images.values()}
-    print(f"{_summary(labels, seconds, shapes)} -> {args.out}")
-    if args.save_overlays:
-        print(f"overlays: {args.save_overlays}")
-    return labels
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ submission to ``submissions/sample_reference.csv`` with outline overlays in
 images out of fold (each image only with the models of the fold that did not
 train on it) with the competition metric, per fold and per modality, and ends
 with ``oof mean AP: <value>``. A few minutes on 2 CPU cores, no training.
+The bundle, the images (headers), the folds file and the output paths are all
+checked first; each problem is one ``error:`` line, with exit status 2.
 """
 
 from __future__ import annotations
@@ -19,26 +21,16 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
-
-from nucleiseg import data
-from nucleiseg.ensemble import segment_images, write_out_of_fold
-from nucleiseg.evaluation import evaluate_run, print_cv_report
-from nucleiseg.family import params_by_family
-from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
-from nucleiseg.inference import load_fold_models, resolve_device
-from nucleiseg.overlays import write_overlay
-from nucleiseg.reference import WEIGHTS_DIR, ReferenceWeightsError, inference_options, verify
-from nucleiseg.submission import write_submission
+from nucleiseg import cli, data
 
 log = logging.getLogger("quickstart")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR, help="reference bundle")
+    parser.add_argument("--weights", type=Path, default=cli.WEIGHTS_DIR, help="reference bundle")
     parser.add_argument("--data-dir", type=Path, default=data.SAMPLE_DIR)
-    parser.add_argument("--folds-csv", type=Path, default=DEFAULT_FOLDS_PATH)
+    parser.add_argument("--folds-csv", type=Path, default=cli.DEFAULT_FOLDS_PATH)
     parser.add_argument("--out", type=Path, default=Path("submissions/sample_reference.csv"))
     parser.add_argument("--overlays", type=Path, default=Path("predictions/sample_overlays"))
     parser.add_argument("--oof-dir", type=Path, default=Path("predictions/sample_oof"))
@@ -47,41 +39,62 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> float:
+    from nucleiseg.atomic import WriteError
+    from nucleiseg.checks import bundle_problems, image_problems, output_problems
+    from nucleiseg.ensemble import segment_images, write_out_of_fold
+    from nucleiseg.evaluation import evaluate_run, print_cv_report
+    from nucleiseg.family import params_by_family
+    from nucleiseg.folds import fold_assignment
+    from nucleiseg.inference import load_fold_models, resolve_device
+    from nucleiseg.overlays import write_overlay
+    from nucleiseg.reference import inference_options
+    from nucleiseg.submission import write_submission
+
+    problems = output_problems([args.out], [args.overlays, args.oof_dir])
+    runs, found = bundle_problems(args.weights)
+    problems += found
+    test_images, found = image_problems(args.data_dir / data.TEST_STAGE)
+    problems += found
+    train_images, found = image_problems(args.data_dir / data.TRAIN_STAGE)
+    problems += found
     try:
-        runs = verify(args.weights)
-        options = inference_options(args.weights)
-    except (ReferenceWeightsError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
-    device = resolve_device(args.device)
-    models = [member for run in runs for member in load_fold_models(run, device)]
-    params = params_by_family(runs)
-    print(f"reference ensemble: {len(models)} fold models of {', '.join(r.name for r in runs)}")
-    print(f"views {options.tta} x scales {options.scales}, family merge {options.family_merge}")
+        if train_images:
+            data.check_labelled(train_images)
+            fold_of = fold_assignment(args.folds_csv, train_images).set_index("image_id")["fold"]
+        options = inference_options(args.weights) if runs else None
+        device = resolve_device(args.device)
+    except (data.DataError, ValueError, RuntimeError) as error:
+        problems.append(str(error))
+    cli.refuse_if(problems)
 
-    def overlay(image_id: str, image: np.ndarray, labels: np.ndarray) -> None:
-        write_overlay(args.overlays / f"{image_id}.png", image, labels)
+    with cli.refusing(data.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
+        models = [member for run in runs for member in load_fold_models(run, device)]
+        params = params_by_family(runs)
+        names = ", ".join(r.name for r in runs)
+        print(f"reference ensemble: {len(models)} fold models of {names}")
+        print(f"views {options.tta} x scales {options.scales}, family merge {options.family_merge}")
 
-    started = time.perf_counter()
-    test_images = data.find_images(args.data_dir / data.TEST_STAGE)
-    labels = segment_images(models, test_images, params, device, options, overlay)
-    write_submission(labels, args.out)
-    seconds = (time.perf_counter() - started) / max(len(labels), 1)
-    print(f"wrote {args.out} ({len(labels)} images, {seconds:.1f} s per image)")
-    print(f"overlays: {args.overlays}/")
+        def overlay(image_id: str, image, labels) -> None:
+            write_overlay(args.overlays / f"{image_id}.png", image, labels)
 
-    train_images = data.find_images(args.data_dir / data.TRAIN_STAGE)
-    fold_of = fold_assignment(args.folds_csv, train_images).set_index("image_id")["fold"]
-    write_out_of_fold(
-        models,
-        train_images,
-        fold_of.to_dict(),
-        params,
-        device,
-        args.oof_dir,
-        args.data_dir,
-        options,
-    )
-    per_image = evaluate_run(args.oof_dir, args.data_dir, args.folds_csv)
+        started = time.perf_counter()
+        labels = segment_images(models, test_images, params, device, options, overlay)
+        write_submission(labels, args.out)
+        seconds = (time.perf_counter() - started) / max(len(labels), 1)
+        print(f"wrote {args.out} ({len(labels)} images, {seconds:.1f} s per image)")
+        print(f"overlays: {args.overlays}/")
+
+        write_out_of_fold(
+            models,
+            train_images,
+            fold_of.to_dict(),
+            params,
+            device,
+            args.oof_dir,
+            args.data_dir,
+            options,
+        )
+        per_image = evaluate_run(args.oof_dir, args.data_dir, args.folds_csv)
     print_cv_report(per_image)
     score = float(per_image["score"].mean())
     print(f"oof mean AP: {score:.4f}")

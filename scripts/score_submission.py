@@ -6,11 +6,12 @@ Run from the repository root::
     .venv/bin/python scripts/score_submission.py submission.csv \
         --truth stage1_train_labels.csv --images path/to/stage1_train --per-image scores.csv
 
-The truth is a folder in the competition layout (with masks), a solution CSV
-with Height/Width, or a train-labels CSV plus ``--images`` for the sizes. The
+The truth is a labelled folder (the competition layout with masks, or
+``images/`` + ``labels/`` label images), a solution CSV with Height/Width, or a train-labels CSV plus ``--images`` for the sizes. The
 submission is validated against the truth's images first; its problems are
 printed and the exit status is 1 if it is invalid. The last line printed is
-``score: <value>``.
+``score: <value>``. An unusable truth, image folder or ``--per-image`` path is
+one ``error:`` line each and exit status 2, before anything is scored.
 """
 
 import argparse
@@ -18,8 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
-from nucleiseg import data, submission
-from nucleiseg.atomic import atomic_path
+from nucleiseg import cli, data, submission
+from nucleiseg.atomic import output_problem, write_text
 
 log = logging.getLogger("score_submission")
 
@@ -41,7 +42,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    truth = data.load_truth(args.truth, args.images)
+    if args.per_image is not None:
+        cli.refuse_if([output_problem(args.per_image)])
+    with cli.refusing(data.DataError):
+        truth = data.load_truth(args.truth, args.images)
     log.info("truth: %d images from %s", len(truth), args.truth)
     sizes = {image_id: labels.shape for image_id, labels in truth.items()}
     try:
@@ -52,8 +56,8 @@ def main(args: argparse.Namespace) -> int:
         return 1
     result = submission.score_submission(predicted, truth)
     if args.per_image is not None:
-        with atomic_path(args.per_image) as tmp:
-            result.per_image.to_csv(tmp, index=False)
+        with cli.refusing(OSError, status=cli.FAILURE_STATUS):
+            write_text(args.per_image, result.per_image.to_csv(index=False))
         log.info("per-image scores written to %s", args.per_image)
     print(f"score: {result.score:.6f}")
     return 0

@@ -9,6 +9,11 @@ Each fold writes to ``<out-dir>/fold<K>/`` (default ``runs/<experiment>/fold<K>/
 config.yaml, run.yaml, epochs.csv, last.ckpt, best.ckpt, weights_fp16.pt and
 oof/ (see ``nucleiseg.oof``). Score the out-of-fold predictions with
 ``scripts/evaluate_oof.py runs/<experiment>``.
+
+The configuration, the run folder, the dataset's images (headers) and labels,
+the folds file and the weights to start from are checked before any image is
+read or model built; each problem is printed on its own ``error:`` line and
+the exit status is 2.
 """
 
 from __future__ import annotations
@@ -17,17 +22,16 @@ import argparse
 import logging
 from pathlib import Path
 
-from nucleiseg import data
-from nucleiseg.config import load_config
-from nucleiseg.engine import train_folds
-from nucleiseg.inference import resolve_device
+from nucleiseg import cli, data
 
 log = logging.getLogger("train")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="model family (default: the config's, unetpp)")
+    parser.add_argument(
+        "--model", choices=cli.MODEL_FAMILIES, help="model family (default: the config's, unetpp)"
+    )
     parser.add_argument("--fold", default="0", help="fold number, comma-separated list, or all")
     parser.add_argument("--config", type=Path, help="YAML file overriding the defaults")
     parser.add_argument(
@@ -50,21 +54,35 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    config = load_config(
-        args.config,
-        {
-            "model": args.model,
-            "experiment": args.experiment,
-            "epochs": args.epochs,
-            "seed": args.seed,
-            "encoder": args.encoder,
-            "encoder_weights": args.encoder_weights,
-            "init_from": args.init_from,
-        },
-    )
-    device = resolve_device(args.device)
+    from nucleiseg.atomic import WriteError
+    from nucleiseg.checks import training_problems
+    from nucleiseg.config import load_config
+    from nucleiseg.engine import train_folds
+    from nucleiseg.inference import resolve_device
+    from nucleiseg.runs import read_yaml
+
+    with cli.refusing(data.DataError, ValueError, RuntimeError):
+        if args.config is not None:
+            read_yaml(args.config)
+        config = load_config(
+            args.config,
+            {
+                "model": args.model,
+                "experiment": args.experiment,
+                "epochs": args.epochs,
+                "seed": args.seed,
+                "encoder": args.encoder,
+                "encoder_weights": args.encoder_weights,
+                "init_from": args.init_from,
+            },
+        )
+        device = resolve_device(args.device)
     run_dir = args.out_dir or Path("runs") / config.experiment
-    train_folds(config, args.data_dir, args.folds_csv, args.fold, run_dir, device, args.resume)
+    cli.refuse_if(
+        training_problems(config, args.data_dir, args.folds_csv, args.fold, run_dir, args.resume)
+    )
+    with cli.refusing(data.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
+        train_folds(config, args.data_dir, args.folds_csv, args.fold, run_dir, device, args.resume)
 
 
 if __name__ == "__main__":

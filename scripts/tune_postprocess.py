@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> None:
     config = load_config(first / CONFIG)
     family = get_family(config.model)
     start = family.params(config)
-    images = data.find_images(data_dir / data.TRAIN_STAGE)
+    images = data.find_images(data.labelled_root(data_dir))
     raws, fold_dir_of = {}, {}
     for fold_dir in folds.values():
         for image_id, raw in family.load_oof(fold_dir).items():

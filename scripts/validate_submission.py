@@ -6,6 +6,9 @@ Run from the repository root::
 
 Prints every problem as ``ImageId row N: message`` and exits with status 1 if
 there is any; otherwise prints ``OK: <n> rows, <n> images`` and exits with 0.
+``--images`` is required: a submission is valid only for the images it is
+for (``data/sample/stage1_test`` for the bundled sample). An unusable
+``--images`` folder is one ``error:`` line and exit status 2.
 """
 
 import argparse
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from nucleiseg import data, submission
+from nucleiseg import cli, data, submission
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -23,15 +26,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--images",
         type=Path,
-        default=data.SAMPLE_DIR / data.TEST_STAGE,
+        required=True,
         help="images the submission is for: competition layout or a folder of PNG/TIFF files",
     )
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
-    images = data.find_images(args.images)
-    sizes = {image_id: data.image_size(path) for image_id, path in images.items()}
+    with cli.refusing(data.DataError):
+        images = data.find_images(args.images)
+        sizes = {image_id: data.image_size(path) for image_id, path in images.items()}
     problems = submission.validate_submission(args.submission, sizes)
     for problem in problems:
         print(problem)

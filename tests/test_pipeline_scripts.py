@@ -3,6 +3,7 @@
 import dataclasses
 import shutil
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -478,3 +479,138 @@ def test_oof_probabilities_round_trip_to_within_quantization(tmp_path):
     fold, read = oof.load_oof_labels(tmp_path)["x"]
     assert fold == 0
     np.testing.assert_array_equal(read, labels)
+
+
+def _label_folder(root, seeds):
+    """An ``images/`` + ``labels/`` folder pair of bright discs on a dark ground."""
+    for seed in seeds:
+        labels = _discs(seed)
+        grey = np.where(labels > 0, 200, 20).astype(np.uint8)
+        pair = {"images": np.dstack([grey] * 3), "labels": labels.astype(np.uint16)}
+        for name, array in pair.items():
+            (root / name).mkdir(parents=True, exist_ok=True)
+            assert cv2.imwrite(str(root / name / f"ext{seed}.png"), array)
+    return root
+
+
+@pytest.mark.slow
+def test_evaluate_external_scores_runs_and_their_saved_labels(trained_run, tmp_path, capsys):
+    run_dir, _, _ = trained_run
+    folder = _label_folder(tmp_path / "external", [200, 201, 202])
+    saved, per_image = tmp_path / "labels", tmp_path / "per_image.csv"
+    argv = ["--runs", run_dir, "--folds", "0", "--images", folder, "--device", "cpu"]
+    outputs = ["--save-labels", saved, "--per-image", per_image, "--name", "ext"]
+    score = run_script("evaluate_external", argv + outputs)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"ext mean AP: {score:.4f}"
+    table = pd.read_csv(per_image)
+    assert sorted(table["image_id"]) == ["ext200", "ext201", "ext202"]
+    assert score == pytest.approx(table["score"].mean(), abs=1e-6)  # the CSV keeps 6 digits
+    # The saved label images score the same without any model.
+    assert run_script("evaluate_external", ["--labels", saved, "--images", folder]) == score
+    adaptive = ["--size-adaptive", "--size-tolerance", "1", "--size-target", "24"]
+    assert 0.0 <= run_script("evaluate_external", argv + adaptive) <= 1.0
+    # A missing label image and an output path that is a file are named before
+    # any model loads, one line each, exit status 2.
+    (folder / "labels" / "ext201.png").unlink()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as refused:
+        run_script("evaluate_external", argv + ["--save-labels", tmp_path / "a_file"])
+    assert refused.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert any("ext201" in line for line in lines)
+    assert any(line.startswith(f"error: {tmp_path / 'a_file'}") for line in lines)
+
+
+@pytest.mark.slow
+def test_ablation_scores_external_folders_and_size_adaptive_variants(trained_run, tmp_path):
+    run_dir, data_dir, folds_csv = trained_run
+    folder = _label_folder(tmp_path / "external", [300, 301])
+    config = tmp_path / "general.yaml"
+    variants = [
+        {"name": "plain"},
+        # A band this wide never rescales: the first pass is the answer.
+        {"name": "adaptive, wide band", "size_adaptive": True, "size_tolerance": 100.0},
+        {"name": "adaptive, to 30 px", "size_adaptive": True, "size_target": 30.0},
+    ]
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": str(data_dir),
+                "folds_csv": str(folds_csv),
+                "external": {"held out": str(folder)},
+                "defaults": {"runs": [str(run_dir)]},
+                "variants": variants,
+            }
+        )
+    )
+    argv = ["--config", config, "--out-dir", tmp_path / "results", "--device", "cpu"]
+    results = run_script("ablate", argv).set_index("variant")
+    plain, wide, rescaled = (results.loc[v["name"]] for v in variants)
+    assert rescaled["images"] == wide["images"] == plain["images"] == N_IMAGES
+    assert 0.0 <= rescaled["held out"] <= 1.0
+    # Size-adaptive rows segment directly, from full-precision outputs (the plain
+    # row's come from the cache, probabilities stored in 8 bits): with a band that
+    # never rescales they are exactly what predict --oof and evaluate_external give.
+    oof_cv = run_script(
+        "predict",
+        ["--oof", "--runs", run_dir, "--out-dir", tmp_path / "oof", "--data-dir", data_dir]
+        + ["--folds-csv", folds_csv, "--device", "cpu"],
+    )
+    external = run_script(
+        "evaluate_external", ["--runs", run_dir, "--images", folder, "--device", "cpu"]
+    )
+    assert wide["cv"] == pytest.approx(oof_cv, abs=1e-12)
+    assert wide["held out"] == pytest.approx(external, abs=1e-12)
+    assert plain["held out"] == pytest.approx(external, abs=1e-12)
+    assert "| variant | images | CV | delta |" in (tmp_path / "results" / "general.md").read_text()
+    assert "held out" in (tmp_path / "results" / "general.md").read_text()
+
+
+@pytest.mark.slow
+def test_training_reads_label_folders_and_records_external_sources(tmp_path):
+    train = _label_folder(tmp_path / "own", range(400, 404))
+    extra = _label_folder(tmp_path / "extra", [500, 501])
+    folds_csv = tmp_path / "folds.csv"
+    ids = [f"ext{i}" for i in range(400, 404)]
+    pd.DataFrame(
+        {"image_id": ids, "fold": [0, 1, 0, 1], "modality": "fluorescence", "group": range(4)}
+    ).to_csv(folds_csv, index=False)
+    config = tmp_path / "tiny.yaml"
+    settings = {
+        "epochs": 1,
+        "samples_per_epoch": 4,
+        "batch_size": 2,
+        "crop_size": 64,
+        "num_workers": 0,
+        "amp": False,
+        "channels_last": False,
+        "colour": {"stain_fluorescence": 0.5, "haematoxylin_only": 0.5, "stain_jitter": 0.5},
+        "extra_data": [{"name": "extra", "path": str(extra), "weight": 0.5, "tile": 32}],
+    }
+    config.write_text(yaml.safe_dump(settings))
+    run_dir = tmp_path / "run"
+    run_script(
+        "train",
+        ["--config", config, "--fold", "0", "--data-dir", train, "--folds-csv", folds_csv]
+        + ["--out-dir", run_dir, "--device", "cpu"],
+    )
+    fold_dir = run_dir / "fold0"
+    assert runs.read_run_info(fold_dir)["extra_data"] == [str(extra)]
+    saved = yaml.safe_load((fold_dir / runs.CONFIG).read_text())
+    assert saved["extra_data"] == settings["extra_data"]
+    # Only the fold's own images are predicted out of fold, never the external ones.
+    oof_ids = sorted(p.stem for p in (fold_dir / oof.OOF_DIR / oof.LABELS_DIR).glob("*.png"))
+    assert oof_ids == ["ext400", "ext402"]
+    # A run commits its int8 weights only; an int8 bundle takes them byte for byte.
+    int8 = fold_dir / runs.WEIGHTS_INT8
+    assert runs.recorded_checksums(fold_dir)[runs.WEIGHTS_INT8] == reference.sha256(int8)
+    (fold_dir / runs.WEIGHTS).unlink()
+    manifest = reference.export(
+        [reference.BundlePart(run_dir, precision="int8")], tmp_path / "bundle", folds_csv=folds_csv
+    )
+    (member,) = manifest["members"]
+    assert member["extra_data"] == settings["extra_data"]
+    exported = tmp_path / "bundle" / run_dir.name / "fold0" / runs.WEIGHTS_INT8
+    assert exported.read_bytes() == int8.read_bytes()
+    with pytest.raises(FileNotFoundError, match="no finished fold"):
+        reference.export([reference.BundlePart(run_dir)], tmp_path / "fp16", folds_csv=folds_csv)

@@ -39,8 +39,26 @@ def test_plots_are_written_from_leaderboards_and_reported_numbers(tmp_path):
             "quoted": [0.5, 0.45],
         }
     ).to_csv(results / "reported.csv", index=False)
+    pd.DataFrame(
+        {
+            "variant": ["default", "+ external data"],
+            "images": 10,
+            "cv": [0.5, 0.52],
+            "delta": [0.0, 0.02],
+            "fluorescence": 0.6,
+            "brightfield": float("nan"),
+            "tissue": [0.3, 0.35],
+            "MoNuSeg test (held out)": [0.11, 0.31],
+            "seconds_per_image": 1.0,
+            "command": "",
+        }
+    ).to_csv(results / "generalization.csv", index=False)
     written = run_script("plot_results", ["--results", results])
-    assert [p.name for p in written] == ["leaderboard.png", "cv_by_modality.png"]
+    assert [p.name for p in written] == [
+        "leaderboard.png",
+        "generalization.png",
+        "cv_by_modality.png",
+    ]
     for path in written:
         image = cv2.imread(str(path))
         assert image is not None and image.shape[0] > 200 and image.shape[1] > 400

@@ -150,6 +150,10 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(family, tmp_path, mo
     pd.testing.assert_frame_equal(
         pd.read_csv(tmp_path / "whole" / "fold0" / runs.EPOCHS_CSV)[columns], history
     )
+    # Equal tensors, equal files: a checksum tells a reproduced fold from another.
+    weights = [tmp_path / run / "fold0" / runs.WEIGHTS for run in ("whole", "split")]
+    assert weights[0].read_bytes() == weights[1].read_bytes()
+    assert runs.weights_problem(weights[1]) is None
     # The finished fold keeps compact weights that load back, and its OOF label images.
     model = build_model(config)
     load_weights(model, tmp_path / "split" / "fold0" / runs.WEIGHTS)

@@ -5,11 +5,18 @@ views and tiling, the merge rules and any threshold overrides. Every variant is
 scored on the out-of-fold images of its runs (each image by the models of its
 own fold), so no variant sees an image its models trained on.
 
+An ablation may also name ``external`` labelled folders (e.g. MoNuSeg test,
+held out): every variant is then scored on them too, whole, by the models of
+its runs (only those of ``folds`` when it is given), and each gets a column.
+
 Model outputs are the expensive part. A run's raw outputs for a set of views
 (probability maps for U-Net++, soft instances for Mask R-CNN) are computed once,
 with the seconds they took, and cached under ``<run>/cache/<views>/fold<K>/``
 in the run's own OOF layout; variants that only change thresholds or merge
 rules reuse them. The instance step and scoring then run in parallel over images.
+Size-adaptive variants predict each image twice, the second time at a scale
+read off the first, so they have no fixed views to cache: they segment the
+images directly (:func:`nucleiseg.ensemble.segment_images`).
 """
 
 from __future__ import annotations
@@ -33,13 +40,13 @@ from tqdm import tqdm
 from nucleiseg import data, oof
 from nucleiseg.atomic import atomic_path
 from nucleiseg.data import DataError
-from nucleiseg.ensemble import labels_from_raws
-from nucleiseg.evaluation import cv_summary
+from nucleiseg.ensemble import labels_from_raws, segment_images
+from nucleiseg.evaluation import cv_summary, score_labelled
 from nucleiseg.family import Params, get_family, params_by_family, run_config
 from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
 from nucleiseg.inference import InferenceOptions, load_fold_models
 from nucleiseg.metric import average_precision
-from nucleiseg.modality import MODALITIES
+from nucleiseg.modality import MODALITIES, classify_modality
 from nucleiseg.runs import read_run_info
 
 log = logging.getLogger(__name__)
@@ -48,7 +55,16 @@ CACHE_DIR = "cache"
 TIMING = "timing.json"
 _OPTION_KEYS = {f.name for f in dataclasses.fields(InferenceOptions)}
 _VARIANT_KEYS = {"name", "runs", "postprocess", "instances", "command"} | _OPTION_KEYS
-_FILE_KEYS = {"name", "data_dir", "folds_csv", "folds", "baseline", "defaults", "variants"}
+_FILE_KEYS = {
+    "name",
+    "data_dir",
+    "folds_csv",
+    "folds",
+    "baseline",
+    "defaults",
+    "variants",
+    "external",
+}
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,7 @@ class Ablation:
     baseline: str
     variants: tuple[Variant, ...]
     folds: tuple[int, ...] | None = None
+    external: Mapping[str, Path] = field(default_factory=dict)
 
 
 def _variant(values: Mapping[str, Any], where: str) -> Variant:
@@ -115,8 +132,8 @@ def load_ablation(path: str | Path) -> Ablation:
     ``postprocess`` / ``instances`` threshold overrides), ``defaults`` merged
     into every variant, ``data_dir``, ``folds_csv``, ``folds`` (score only
     these folds' images; default: those every variant's runs have finished),
-    and ``baseline`` (the variant the deltas are taken against; the first one
-    by default).
+    ``baseline`` (the variant the deltas are taken against; the first one
+    by default) and ``external`` (column name -> labelled folder scored whole).
 
     Raises:
         ValueError: On an unknown key, naming it and where it is.
@@ -147,6 +164,7 @@ def load_ablation(path: str | Path) -> Ablation:
         baseline=baseline,
         variants=variants,
         folds=tuple(int(k) for k in values["folds"]) if values.get("folds") is not None else None,
+        external={str(k): Path(v) for k, v in (values.get("external") or {}).items()},
     )
 
 
@@ -188,7 +206,7 @@ def run_raws(
     """
     run_dir = Path(run_dir)
     family = get_family(run_config(run_dir).model)
-    images = data.find_images(Path(data_dir) / data.TRAIN_STAGE)
+    images = data.find_images(data.labelled_root(data_dir))
     raws: dict[str, Any] = {}
     seconds = count = 0.0
     for fold, fold_dir in oof.oof_fold_dirs(run_dir).items():
@@ -221,6 +239,60 @@ def _predict_fold(run_dir, fold, fold_dir, cache, images, options, device) -> No
         tmp.write_text(json.dumps(info))
 
 
+def _models(variant: Variant, device: torch.device, folds: Sequence[int] | None) -> list:
+    return [m for run in variant.runs for m in load_fold_models(run, device, folds)]
+
+
+def direct_oof_labels(
+    variant: Variant,
+    data_dir: Path,
+    device: torch.device,
+    folds: Sequence[int] | None = None,
+) -> tuple[dict[str, np.ndarray], float]:
+    """Out-of-fold label images of a variant, segmented now (no cache), fold by fold.
+
+    Each fold's images (those of its first run's ``oof/labels``) are segmented
+    by every run's model of that fold with the variant's options and thresholds.
+
+    Returns:
+        Image id -> label image, and the seconds per image.
+    """
+    images = data.find_images(data.labelled_root(data_dir))
+    params = variant_params(variant)
+    labels: dict[str, np.ndarray] = {}
+    started = time.perf_counter()
+    for fold, fold_dir in oof.oof_fold_dirs(variant.runs[0]).items():
+        if folds is not None and fold not in folds:
+            continue
+        ids = sorted(p.stem for p in (fold_dir / oof.OOF_DIR / oof.LABELS_DIR).glob("*.png"))
+        members = _models(variant, device, [fold])
+        labels.update(
+            segment_images(members, {i: images[i] for i in ids}, params, device, variant.options)
+        )
+    return labels, (time.perf_counter() - started) / max(len(labels), 1)
+
+
+def score_external(
+    variant: Variant, folder: Path, device: torch.device, folds: Sequence[int] | None = None
+) -> float:
+    """Mean AP of a variant on a whole labelled folder, by all its runs' models (of ``folds``)."""
+    images = data.find_images(folder)
+    modalities: dict[str, str] = {}
+
+    def note(image_id: str, image: np.ndarray, labels: np.ndarray) -> None:
+        modalities[image_id] = classify_modality(image)
+
+    labels = segment_images(
+        _models(variant, device, folds),
+        images,
+        variant_params(variant),
+        device,
+        variant.options,
+        note,
+    )
+    return float(score_labelled(labels, folder, modalities)["score"].mean())
+
+
 def variant_params(variant: Variant) -> dict[str, Params]:
     """Thresholds per family: the first run's tuned ones, with the variant's overrides."""
     params = {
@@ -232,6 +304,9 @@ def variant_params(variant: Variant) -> dict[str, Params]:
         raise ValueError(f"{variant.name}: overrides for {', '.join(unused)}, which has no run")
     return params
 
+
+# Leaderboard columns other than the external data sets' scores.
+FIXED_COLUMNS = {"variant", "images", "cv", "delta", *MODALITIES, "seconds_per_image", "command"}
 
 # Filled before the worker pool forks, so that workers read the raw outputs
 # without pickling them.
@@ -299,7 +374,13 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
         log.warning("%s: waiting for its runs (no finished fold yet)", variant.name)
     raws: dict[tuple[Path, str], dict] = {}
     model_seconds: dict[tuple[Path, str], float] = {}
+    direct: dict[str, tuple[dict[str, np.ndarray], float]] = {}
     for variant in ready:
+        if variant.options.size_adaptive:
+            direct[variant.name] = direct_oof_labels(
+                variant, ablation.data_dir, device, ablation.folds
+            )
+            continue
         for run in variant.runs:
             key = (run, views_key(variant.options))
             if key not in raws:
@@ -309,7 +390,10 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
     # Every row is scored on the same images: those all variants' runs predicted
     # (a training-time ablation may have finished only some folds so far).
     covered = [
-        set.intersection(*(set(raws[(run, views_key(v.options))]) for run in v.runs)) for v in ready
+        set(direct[v.name][0])
+        if v.name in direct
+        else set.intersection(*(set(raws[(run, views_key(v.options))]) for run in v.runs))
+        for v in ready
     ]
     ids = sorted(set.intersection(*covered))
     if not ids:
@@ -317,7 +401,7 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
     left_out = len(set.union(*covered)) - len(ids)
     if left_out:
         log.warning("%d images are left out: not every variant's runs predicted them", left_out)
-    images = data.find_images(ablation.data_dir / data.TRAIN_STAGE)
+    images = data.find_images(data.labelled_root(ablation.data_dir))
     truth = {i: data.labels_of(images[i]) for i in tqdm(ids, desc="truth", unit="image")}
     modality = fold_assignment(ablation.folds_csv, ids).set_index("image_id")["modality"]
 
@@ -326,14 +410,20 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
         if variant in pending:
             rows.append({"variant": variant.name, "images": 0, "command": variant.command})
             continue
-        key = views_key(variant.options)
-        per_run = {run: raws[(run, key)] for run in variant.runs}
-        scores, instance_seconds = score_variant(variant, per_run, truth, workers)
+        if variant.name in direct:
+            labels, seconds = direct[variant.name]
+            per_image = [average_precision(truth[i], labels[i]).score for i in ids]
+            scores = pd.DataFrame({"image_id": ids, "score": per_image})
+        else:
+            key = views_key(variant.options)
+            per_run = {run: raws[(run, key)] for run in variant.runs}
+            scores, instance_seconds = score_variant(variant, per_run, truth, workers)
+            seconds = sum(model_seconds[(run, key)] for run in variant.runs) + instance_seconds
         scores["modality"] = scores["image_id"].map(modality)
         row = {"variant": variant.name, **cv_summary(scores)}
-        row["seconds_per_image"] = (
-            sum(model_seconds[(run, key)] for run in variant.runs) + instance_seconds
-        )
+        for name, folder in ablation.external.items():
+            row[name] = score_external(variant, folder, device, ablation.folds)
+        row["seconds_per_image"] = seconds
         row["command"] = variant.command
         rows.append(row)
     # Column order of a scored row: a row waiting for its runs holds only some columns.
@@ -353,7 +443,8 @@ def leaderboard_markdown(results: pd.DataFrame, title: str, command: str, machin
     """
     waiting = results[results["cv"].isna()]
     ranked = results[results["cv"].notna()].sort_values("cv", ascending=False)
-    header = ["variant", "images", "CV", "delta", *MODALITIES, "s / image"]
+    external = [c for c in results.columns if c not in FIXED_COLUMNS]
+    header = ["variant", "images", "CV", "delta", *MODALITIES, *external, "s / image"]
     lines = [
         f"# {title}",
         "",
@@ -369,7 +460,7 @@ def leaderboard_markdown(results: pd.DataFrame, title: str, command: str, machin
             str(row["images"]),
             f"{row['cv']:.4f}",
             f"{row['delta']:+.4f}",
-            *(f"{row[m]:.4f}" if pd.notna(row[m]) else "" for m in MODALITIES),
+            *(f"{row[m]:.4f}" if pd.notna(row[m]) else "" for m in (*MODALITIES, *external)),
             f"{row['seconds_per_image']:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -379,5 +470,10 @@ def leaderboard_markdown(results: pd.DataFrame, title: str, command: str, machin
         lines += [f"- {row['variant']}: `{row['command']}`" for _, row in commands.iterrows()]
     if len(waiting):
         lines += ["", "Waiting for their runs (no finished fold yet):", ""]
-        lines += [f"- {row['variant']}: `{row['command']}`" for _, row in waiting.iterrows()]
+        lines += [
+            f"- {row['variant']}: `{row['command']}`"
+            if row["command"]
+            else f"- {row['variant']} (inference only: waits for the run of a row above)"
+            for _, row in waiting.iterrows()
+        ]
     return "\n".join(lines) + "\n"

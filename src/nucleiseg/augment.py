@@ -13,6 +13,9 @@ step                                  p       range
 ====================================  ======  ======================================
 :class:`ScaledRandomCrop`             1       scale log-uniform in ``scale_range``
 ``D4`` (flips, 90-degree rotations)   1       one of the 8 symmetries, uniformly
+:class:`StainFluorescence`           0 *     fluorescence rendered as stained tissue
+:class:`HaematoxylinOnly`             0 *     stained tissue as haematoxylin alone
+:class:`StainJitter`                  0 *     H, E and DAB amounts x 0.7..1.3, +-0.02
 ``InvertImg``                         0.2     fluorescence <-> brightfield look
 ``ChannelShuffle``                    0.2
 ``ToGray``                            0.1
@@ -22,6 +25,16 @@ step                                  p       range
 one of blur / noise                   0.2     Gaussian blur sigma 0.3 .. 1.0, or
                                               Gaussian noise std 1 % .. 4 % of 255
 ====================================  ======  ======================================
+
+Probabilities are those of :class:`ColourParams`; the steps marked * are off
+by default and switched on by a configuration (each was ablated on its own,
+see ``ablations/generalization.yaml``). The three stain steps work in the
+haematoxylin-eosin-DAB space of colour deconvolution (Ruifrok and Johnston
+2001; ``skimage.color.rgb2hed``), each on the images it makes sense for and
+leaving others untouched: stain jitter and haematoxylin-only rendering on
+light-background colour images (stained tissue), the fluorescence rendering on
+dark-background ones. They exist because the stage-1 test holds stained tissue
+of kinds the training set lacks (pink H&E, haematoxylin alone on pale yellow).
 
 The colour steps let one model learn fluorescence, brightfield and stained
 tissue: an inverted fluorescence image looks like brightfield, an inverted
@@ -37,11 +50,197 @@ undone on its output, which only the tiling code can do.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import albumentations as A
 import cv2
 import numpy as np
+from skimage.color import hed2rgb, rgb2hed
+
+from nucleiseg.modality import COLOUR_CHROMA, DARK_MEDIAN
+
+
+@dataclass
+class ColourParams:
+    """Probability of each colour step of :func:`train_transform` (0 leaves it out).
+
+    Attributes:
+        stain_fluorescence: :class:`StainFluorescence` on fluorescence images.
+        haematoxylin_only: :class:`HaematoxylinOnly` on stained tissue.
+        stain_jitter: :class:`StainJitter` on light-background images.
+        invert: Invert the image (fluorescence <-> brightfield look).
+        channel_shuffle: Permute the colour channels.
+        grey: Replace the image by its grey level.
+    """
+
+    stain_fluorescence: float = 0.0
+    haematoxylin_only: float = 0.0
+    stain_jitter: float = 0.0
+    invert: float = 0.2
+    channel_shuffle: float = 0.2
+    grey: float = 0.1
+
+
+def _background(img: np.ndarray) -> tuple[float, float]:
+    """Median grey level and chroma of a crop (every 4th pixel: enough, and cheap)."""
+    rgb = img[::4, ::4].astype(np.float32)
+    chroma = np.abs(rgb[..., 0] - rgb[..., 1]).mean() + np.abs(rgb[..., 1] - rgb[..., 2]).mean()
+    return float(np.median(rgb.mean(axis=2))), float(chroma)
+
+
+def is_stained(img: np.ndarray) -> bool:
+    """A light-background colour crop (stained tissue), by :mod:`nucleiseg.modality`'s rule."""
+    median, chroma = _background(img)
+    return median > DARK_MEDIAN and chroma >= COLOUR_CHROMA
+
+
+def is_dark(img: np.ndarray) -> bool:
+    """A dark-background crop (fluorescence), by :mod:`nucleiseg.modality`'s rule."""
+    return _background(img)[0] <= DARK_MEDIAN
+
+
+def _render(hed: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(hed2rgb(hed), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+class StainJitter(A.ImageOnlyTransform):
+    """Random amounts of haematoxylin, eosin and DAB in a stained image.
+
+    The image is unmixed into stain concentrations (``rgb2hed``), each
+    concentration ``c`` becomes ``c * a + b`` with ``a`` uniform in
+    ``1 +- scale`` and ``b`` uniform in ``+-shift``, and the result is mixed
+    back (``hed2rgb``), as in Tellez et al., "Whole-slide mitosis detection in
+    H&E breast histology using PHH3 as a reference to train distilled
+    stain-invariant convolutional networks", IEEE TMI 2018. Images that are
+    not stained tissue (dark background, or grey) are returned unchanged.
+
+    Args:
+        scale: Largest relative change of a stain's amount.
+        shift: Largest added amount (concentrations of nuclei are about 0.05-0.15).
+        p: Probability of applying the transform.
+    """
+
+    def __init__(self, scale: float = 0.3, shift: float = 0.02, p: float = 0.5):
+        super().__init__(p=p)
+        self.scale = scale
+        self.shift = shift
+
+    def get_params(self) -> dict[str, Any]:
+        """Draw the three factors and the three offsets."""
+        factors = [self.py_random.uniform(1 - self.scale, 1 + self.scale) for _ in range(3)]
+        offsets = [self.py_random.uniform(-self.shift, self.shift) for _ in range(3)]
+        return {"factors": np.array(factors), "offsets": np.array(offsets)}
+
+    def apply(
+        self, img: np.ndarray, factors: np.ndarray, offsets: np.ndarray, **params: Any
+    ) -> np.ndarray:
+        """Jitter the stain amounts of a stained image."""
+        if not is_stained(img):
+            return img
+        hed = rgb2hed(img)
+        return _render(np.maximum(hed * factors + offsets, 0.0))
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        """Arguments shown by ``repr`` and used by serialization."""
+        return ("scale", "shift")
+
+
+class HaematoxylinOnly(A.ImageOnlyTransform):
+    """Render stained tissue as haematoxylin alone: blue nuclei on a pale yellow ground.
+
+    Eosin and DAB are dropped, the haematoxylin amount is scaled by a factor
+    in ``amount``, and the white ground is tinted yellow (blue channel x
+    0.72..0.92, green x 0.92..1), the look of the stage-1 test's
+    haematoxylin-only tiles. Other images are returned unchanged.
+
+    Args:
+        amount: Range of the haematoxylin factor.
+        p: Probability of applying the transform.
+    """
+
+    def __init__(self, amount: tuple[float, float] = (0.8, 1.6), p: float = 0.2):
+        super().__init__(p=p)
+        self.amount = amount
+
+    def get_params(self) -> dict[str, Any]:
+        """Draw the haematoxylin factor and the tint."""
+        tint = (1.0, self.py_random.uniform(0.92, 1.0), self.py_random.uniform(0.72, 0.92))
+        return {"factor": self.py_random.uniform(*self.amount), "tint": np.array(tint)}
+
+    def apply(self, img: np.ndarray, factor: float, tint: np.ndarray, **params: Any) -> np.ndarray:
+        """Keep the haematoxylin of a stained image, on a yellow ground."""
+        if not is_stained(img):
+            return img
+        hed = rgb2hed(img)
+        hed[..., 0] *= factor
+        hed[..., 1:] = 0.0
+        return np.rint(np.clip(hed2rgb(hed) * tint, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        """Arguments shown by ``repr`` and used by serialization."""
+        return ("amount",)
+
+
+class StainFluorescence(A.ImageOnlyTransform):
+    """Render a fluorescence image as stained tissue: dark nuclei on a light, tinted ground.
+
+    The grey level, stretched from the background (median) to the brightest
+    nuclei (99.5th percentile), becomes the haematoxylin amount (up to 0.08-0.2,
+    plus a faint haze); half the time the ground gets eosin with a smooth random
+    texture (pink H&E), otherwise none and a yellow tint (haematoxylin alone).
+    Light-background images are returned unchanged.
+
+    Args:
+        p: Probability of applying the transform.
+    """
+
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Draw the stain amounts, the ground's look and its texture."""
+        height, width = params["shape"][:2]
+        eosin = self.py_random.random() < 0.5
+        texture = self.random_generator.standard_normal(
+            (max(1, height // 16), max(1, width // 16))
+        ).astype(np.float32)
+        return {
+            "haematoxylin": self.py_random.uniform(0.08, 0.2),
+            "haze": self.py_random.uniform(0.0, 0.02),
+            "eosin": self.py_random.uniform(0.01, 0.05) if eosin else 0.0,
+            "tint": np.array(
+                (1.0, 1.0, 1.0)
+                if eosin
+                else (1.0, self.py_random.uniform(0.92, 1.0), self.py_random.uniform(0.72, 0.92))
+            ),
+            "texture": texture,
+        }
+
+    def apply(
+        self,
+        img: np.ndarray,
+        haematoxylin: float,
+        haze: float,
+        eosin: float,
+        tint: np.ndarray,
+        texture: np.ndarray,
+        **params: Any,
+    ) -> np.ndarray:
+        """Stain a dark-background image."""
+        if not is_dark(img):
+            return img
+        grey = img.astype(np.float32).mean(axis=2)
+        low, high = np.median(grey), np.percentile(grey, 99.5)
+        nucleus = np.clip((grey - low) / max(high - low, 1.0), 0.0, 1.0)
+        smooth = cv2.resize(texture, grey.shape[::-1], interpolation=cv2.INTER_CUBIC)
+        hed = np.zeros(img.shape, dtype=np.float64)
+        hed[..., 0] = haematoxylin * nucleus + haze
+        hed[..., 1] = eosin * np.clip(1.0 + 0.4 * smooth, 0.2, 2.0) * (1.0 - 0.5 * nucleus)
+        return np.rint(np.clip(hed2rgb(hed) * tint, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        """Arguments shown by ``repr`` and used by serialization."""
+        return ()
 
 
 class ScaledRandomCrop(A.DualTransform):
@@ -132,7 +331,10 @@ def _window(
 
 
 def train_transform(
-    crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0), colour: bool = True
+    crop_size: int,
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    colour: bool = True,
+    colour_params: ColourParams | None = None,
 ) -> A.Compose:
     """The training pipeline for an RGB uint8 image and its int32 label image.
 
@@ -145,6 +347,10 @@ def train_transform(
         scale_range: Range of the random rescaling before cropping.
         colour: Apply the colour, inversion, blur and noise steps; without
             them only the scaled crop and D4 remain (an ablation).
+        colour_params: Probabilities of the stain, inversion, channel-shuffle
+            and grey steps (default :class:`ColourParams`); a step with
+            probability 0 is left out of the pipeline, so that the random
+            draws of the others do not depend on it.
 
     Returns:
         The albumentations pipeline; seed it per item with ``set_random_state``.
@@ -152,12 +358,19 @@ def train_transform(
     geometric = [ScaledRandomCrop(crop_size, scale_range), A.D4(p=1.0)]
     if not colour:
         return A.Compose(geometric)
+    params = colour_params or ColourParams()
+    steps = [
+        StainFluorescence(p=params.stain_fluorescence),
+        HaematoxylinOnly(p=params.haematoxylin_only),
+        StainJitter(p=params.stain_jitter),
+        A.InvertImg(p=params.invert),
+        A.ChannelShuffle(p=params.channel_shuffle),
+        A.ToGray(num_output_channels=3, p=params.grey),
+    ]
     return A.Compose(
         [
             *geometric,
-            A.InvertImg(p=0.2),
-            A.ChannelShuffle(p=0.2),
-            A.ToGray(num_output_channels=3, p=0.1),
+            *(step for step in steps if step.p > 0),
             A.HueSaturationValue(hue_shift_limit=15, sat_shift_limit=25, val_shift_limit=10, p=0.3),
             A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
             A.RandomGamma(gamma_limit=(80, 125), p=0.3),

@@ -15,10 +15,13 @@ from typing import Any
 import yaml
 
 from nucleiseg.atomic import atomic_path
+from nucleiseg.augment import ColourParams
 from nucleiseg.instances import InstanceParams
 from nucleiseg.maskrcnn import MaskRCNNParams
 from nucleiseg.modality import BRIGHTFIELD, FLUORESCENCE, TISSUE
 from nucleiseg.postprocess import PostprocessParams
+from nucleiseg.runs import read_yaml
+from nucleiseg.sources import parse_sources
 from nucleiseg.targets import TargetParams
 
 
@@ -42,6 +45,12 @@ class TrainConfig:
         scale_range: Range of the random rescaling before cropping.
         colour_augment: Use the colour, inversion, blur and noise steps of
             :func:`nucleiseg.augment.train_transform` (off: crops and D4 only).
+        colour: Probabilities of the stain, inversion, channel-shuffle and grey
+            steps (:class:`nucleiseg.augment.ColourParams`).
+        extra_data: External labelled folders that join every fold's training
+            images (never its validation), each a mapping with ``path``,
+            ``weight`` (share of crops relative to the competition images' 1),
+            optional ``tile`` and ``name`` (see :mod:`nucleiseg.sources`).
         modality_weights: Relative sampling weight of an image of each modality;
             the rarer kinds are drawn more often than their share of the data.
         lr: Peak learning rate of AdamW.
@@ -76,6 +85,8 @@ class TrainConfig:
     crop_size: int = 256
     scale_range: tuple[float, float] = (0.6, 1.6)
     colour_augment: bool = True
+    colour: ColourParams = field(default_factory=ColourParams)
+    extra_data: list[dict[str, Any]] = field(default_factory=list)
     modality_weights: dict[str, float] = field(
         default_factory=lambda: {FLUORESCENCE: 1.0, BRIGHTFIELD: 3.0, TISSUE: 2.0}
     )
@@ -181,10 +192,7 @@ def load_config(
     where = "defaults"
     if path is not None:
         path = Path(path)
-        with path.open() as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of settings")
+        loaded = read_yaml(path)  # names the file when it is not a YAML mapping
         where = str(path)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     values = TrainConfig().to_dict()
@@ -192,7 +200,9 @@ def load_config(
     if family not in FAMILY_DEFAULTS:
         raise ValueError(f"unknown model {family!r}; choose from {', '.join(FAMILY_DEFAULTS)}")
     values = merge(merge(merge(values, FAMILY_DEFAULTS[family]), loaded), overrides)
-    return _build(TrainConfig, values, where)
+    config = _build(TrainConfig, values, where)
+    parse_sources(config.extra_data)
+    return config
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

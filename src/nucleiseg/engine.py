@@ -27,17 +27,28 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from nucleiseg.atomic import atomic_path
+from nucleiseg.atomic import write_bytes, write_text
 from nucleiseg.augment import train_transform
 from nucleiseg.compact import compact_state
 from nucleiseg.config import TrainConfig, save_config
-from nucleiseg.data import TRAIN_STAGE, Sample, find_images
+from nucleiseg.data import Sample, find_images, labelled_root
 from nucleiseg.dataset import NucleiDataset, load_samples, sample_weights
 from nucleiseg.family import Family, get_family
 from nucleiseg.folds import fold_assignment, parse_fold_list
 from nucleiseg.metric import average_precision
 from nucleiseg.models import build_model, load_weights
-from nucleiseg.runs import BEST, CONFIG, EPOCHS_CSV, LAST, WEIGHTS, write_run_info
+from nucleiseg.runs import (
+    BEST,
+    CONFIG,
+    EPOCHS_CSV,
+    LAST,
+    WEIGHTS,
+    save_weights,
+    torch_bytes,
+    write_int8_weights,
+    write_run_info,
+)
+from nucleiseg.sources import LoadedSource, load_source, mix_probabilities, parse_sources
 
 log = logging.getLogger(__name__)
 
@@ -175,18 +186,18 @@ class Trainer:
 
 
 def _save(state: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Serialized in memory, so that equal states give equal bytes, then written
+    # and checked in one step.
+    write_bytes(path, torch_bytes(state))
 
 
 def _write_history(history: list[dict], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        pd.DataFrame(history).to_csv(tmp, index=False, float_format="%.6g")
+    write_text(path, pd.DataFrame(history).to_csv(index=False, float_format="%.6g"))
 
 
 def save_compact_weights(model: nn.Module, path: Path) -> None:
-    """Model weights alone, floating-point tensors in float16: what a finished fold keeps."""
-    _save(compact_state(model.state_dict(), "float16"), path)
+    """Model weights alone, floating-point tensors in float16, their checksum recorded."""
+    save_weights(compact_state(model.state_dict(), "float16"), path)
 
 
 def train_fold(
@@ -197,6 +208,7 @@ def train_fold(
     out_dir: Path,
     device: torch.device,
     resume: bool = False,
+    extras: Sequence[LoadedSource] = (),
 ) -> nn.Module:
     """Train one fold, checkpointing every epoch, and predict its validation images.
 
@@ -211,6 +223,8 @@ def train_fold(
         resume: Continue from ``out_dir/last.ckpt``. Without it, a folder that
             already holds a checkpoint is an error, so nothing is overwritten
             by accident.
+        extras: External sources whose samples join the training images only,
+            drawn as often as their weights say (see :mod:`nucleiseg.sources`).
 
     Returns:
         The model after the last epoch.
@@ -231,13 +245,19 @@ def train_fold(
     save_config(config, out_dir / CONFIG)
 
     family = trainer.family
+    extra_samples = [s for extra in extras for s in extra.samples]
     dataset = NucleiDataset(
-        [family.prepare(s, config) for s in train_samples],
-        transform=train_transform(config.crop_size, config.scale_range, config.colour_augment),
+        [family.prepare(s, config) for s in [*train_samples, *extra_samples]],
+        transform=train_transform(
+            config.crop_size, config.scale_range, config.colour_augment, config.colour
+        ),
         samples_per_epoch=trainer.steps_per_epoch * config.batch_size,
         target_fn=family.target_fn(config),
-        probabilities=sample_weights(
-            [modalities[s.image_id] for s in train_samples], config.modality_weights
+        probabilities=mix_probabilities(
+            sample_weights(
+                [modalities[s.image_id] for s in train_samples], config.modality_weights
+            ),
+            extras,
         ),
         seed=config.seed,
     )
@@ -271,6 +291,7 @@ def train_fold(
             # so that the committed weights reproduce them exactly
             # (scripts/predict.py --oof), in the last validation pass itself.
             save_compact_weights(trainer.model, out_dir / WEIGHTS)
+            write_int8_weights(out_dir)  # what the run commits
             load_weights(trainer.model, out_dir / WEIGHTS)
             row["val_loss"], row["val_map"] = trainer.validate(val_samples, save_oof)
         elif (epoch + 1) % config.val_every == 0:
@@ -278,12 +299,16 @@ def train_fold(
         row["seconds"] = time.perf_counter() - started
         row["peak_memory_mb"] = peak_memory_mb(device)
         history.append(row)
+        validation = (
+            "validation not run"
+            if math.isnan(row["val_map"])
+            else f"val loss {row['val_loss']:.4f}, val mAP {row['val_map']:.4f}"
+        )
         log.info(
-            "epoch %d: train loss %.4f, val loss %.4f, val mAP %.4f, %.0f s",
+            "epoch %d: train loss %.4f, %s, %.0f s",
             row["epoch"],
             row["train_loss"],
-            row["val_loss"],
-            row["val_map"],
+            validation,
             row["seconds"],
         )
         state = trainer.state(epoch + 1, history, max(best_score, row["val_map"]))
@@ -309,7 +334,8 @@ def train_folds(
 
     Args:
         config: The resolved configuration.
-        data_dir: Dataset root holding ``stage1_train/``.
+        data_dir: Dataset root holding ``stage1_train/``, or a labelled folder
+            (see :func:`nucleiseg.data.labelled_root`).
         folds_csv: Fold assignment covering every training image.
         fold_spec: A fold number, a comma-separated list, or ``all``.
         run_dir: Run folder; fold K goes to ``run_dir/fold<K>``.
@@ -319,10 +345,12 @@ def train_folds(
     Returns:
         The folds trained.
     """
-    images = find_images(Path(data_dir) / TRAIN_STAGE)
+    root = labelled_root(data_dir)
+    images = find_images(root)
     assignment = fold_assignment(folds_csv, images)
     folds = parse_fold_list(fold_spec, sorted(assignment["fold"].unique()))
-    samples = load_samples(Path(data_dir) / TRAIN_STAGE, list(images))
+    extras = [load_source(source) for source in parse_sources(config.extra_data)]
+    samples = load_samples(root, list(images))
     modalities = dict(zip(assignment["image_id"], assignment["modality"], strict=True))
     fold_of = dict(zip(assignment["image_id"], assignment["fold"], strict=True))
     for fold in folds:
@@ -330,8 +358,20 @@ def train_folds(
         val = [s for s in samples if fold_of[s.image_id] == fold]
         out_dir = Path(run_dir) / f"fold{fold}"
         log.info(
-            "fold %d: %d training, %d validation images -> %s", fold, len(train), len(val), out_dir
+            "fold %d: %d training, %d validation images, %s -> %s",
+            fold,
+            len(train),
+            len(val),
+            ", ".join(f"{len(e.samples)} tiles of {e.source.name}" for e in extras) or "no extras",
+            out_dir,
         )
-        write_run_info(out_dir, fold=fold, data_dir=data_dir, device=device, amp=config.amp)
-        train_fold(config, train, val, modalities, out_dir, device, resume=resume)
+        write_run_info(
+            out_dir,
+            fold=fold,
+            data_dir=data_dir,
+            device=device,
+            amp=config.amp,
+            extra_data=[e.source.path for e in extras],
+        )
+        train_fold(config, train, val, modalities, out_dir, device, resume=resume, extras=extras)
     return folds

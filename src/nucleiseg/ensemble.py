@@ -17,6 +17,7 @@ belongs to one nucleus (:func:`merge_families`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +41,7 @@ from nucleiseg.instances import (
 )
 from nucleiseg.postprocess import BODY
 from nucleiseg.runs import write_run_info
+from nucleiseg.sizing import rescale_factor
 
 log = logging.getLogger(__name__)
 
@@ -178,16 +180,53 @@ def segment_image(
 ) -> np.ndarray:
     """Label image of one RGB image from fold models of one or both families.
 
+    With ``options.size_adaptive``, a first pass (one view, same models)
+    measures the nuclei, and the image is predicted again at the scale that
+    brings them to ``options.size_target`` (:func:`size_adapted_options`).
+
     Args:
         models: Fold models (see :func:`nucleiseg.inference.load_fold_models`).
         image: RGB uint8 (H, W, 3).
         params: Family name -> its raw output -> instances thresholds.
         device: Where the models run.
-        options: Test-time views, tiling and merge rules.
+        options: Test-time views, tiling, merge rules and size adaptation.
 
     Returns:
         int32 label image, 0 = background.
     """
+    options = options or InferenceOptions()
+    if options.size_adaptive:
+        first = dataclasses.replace(options, size_adaptive=False, tta="none", scales=(1.0,))
+        first_labels = _segment_once(models, image, params, device, first)
+        options = size_adapted_options(first_labels, options)
+        if options.scales == (1.0,) and options.tta == "none":
+            return first_labels
+    return _segment_once(models, image, params, device, options)
+
+
+def size_adapted_options(first_labels: np.ndarray, options: InferenceOptions) -> InferenceOptions:
+    """The options of the second pass: every scale times the first pass's rescale factor.
+
+    Args:
+        first_labels: Label image of the first pass.
+        options: Options with ``size_adaptive`` set.
+
+    Returns:
+        Options without ``size_adaptive``, scales multiplied by
+        :func:`nucleiseg.sizing.rescale_factor`.
+    """
+    factor = rescale_factor(first_labels, options.size_target, options.size_tolerance)
+    scales = tuple(scale * factor for scale in options.scales)
+    return dataclasses.replace(options, size_adaptive=False, scales=scales)
+
+
+def _segment_once(
+    models: Sequence[FoldModel],
+    image: np.ndarray,
+    params: Mapping[str, Params],
+    device: torch.device,
+    options: InferenceOptions,
+) -> np.ndarray:
     raws: dict[str, list] = {}
     for member in models:
         family = get_family(member.config.model)

@@ -119,13 +119,59 @@ def evaluate_run(
         predictions = _relabel(run_dir, params_file)
     if data_dir is None:
         data_dir = Path(read_run_info(next(iter(oof.oof_fold_dirs(run_dir).values())))["data_dir"])
-    images = data.find_images(Path(data_dir) / data.TRAIN_STAGE)
+    images = data.find_images(data.labelled_root(data_dir))
     missing = sorted(set(predictions) - set(images))
     if missing:
         raise data.DataError(f"{data_dir}: no truth for {len(missing)} images, e.g. {missing[0]}")
     truth = {image_id: data.labels_of(images[image_id]) for image_id in predictions}
     modalities = fold_assignment(folds_csv, predictions).set_index("image_id")["modality"]
     return score_oof(predictions, truth, modalities.to_dict())
+
+
+def score_labelled(
+    predictions: Mapping[str, np.ndarray], folder: str | Path, modalities: Mapping[str, str]
+) -> pd.DataFrame:
+    """Score label images against a labelled folder (external data: no folds).
+
+    Args:
+        predictions: Image id -> predicted label image; every image of
+            ``folder`` must be there.
+        folder: Labelled folder (``images/`` + ``labels/``, or the competition
+            layout with masks).
+        modalities: Image id -> modality (e.g. from
+            :func:`nucleiseg.modality.classify_modality`).
+
+    Returns:
+        One row per image: image_id, modality, score, n_true, n_pred, tp, fp,
+        fn at IoU 0.5 and the precision at each IoU threshold.
+
+    Raises:
+        DataError: If an image of the folder has no prediction, or the other way round.
+    """
+    images = data.find_images(folder)
+    unpredicted = sorted(set(images) - set(predictions))
+    unknown = sorted(set(predictions) - set(images))
+    if unpredicted or unknown:
+        raise data.DataError(
+            f"{folder}: {len(unpredicted)} images without prediction "
+            f"(e.g. {unpredicted[:1]}), {len(unknown)} predictions of unknown images "
+            f"(e.g. {unknown[:1]})"
+        )
+    truth = {image_id: data.labels_of(path) for image_id, path in images.items()}
+    per_image = score_submission(dict(predictions), truth).per_image
+    per_image.insert(1, "modality", [modalities[i] for i in per_image["image_id"]])
+    return per_image
+
+
+def print_external_report(per_image: pd.DataFrame, name: str) -> float:
+    """Print per-image and per-modality tables, then ``<name> mean AP: <value>``; return it."""
+    columns = ["image_id", "modality", "n_true", "n_pred", "tp", "fp", "fn", "score"]
+    print(per_image[columns].to_string(index=False, float_format="%.4f"))
+    print()
+    print(modality_table(per_image).to_string(float_format="%.4f"))
+    score = float(per_image["score"].mean())
+    print(f"{name} mean AP: {score:.4f}")
+    return score
 
 
 def threshold_table(per_image: pd.DataFrame) -> pd.DataFrame:

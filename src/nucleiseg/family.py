@@ -27,7 +27,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import default_collate
 
@@ -48,7 +47,7 @@ from nucleiseg.losses import get_loss
 from nucleiseg.maskrcnn import detection_targets, rescale_sample
 from nucleiseg.postprocess import BODY, PostprocessParams, instances_from_probabilities
 from nucleiseg.precision import autocast
-from nucleiseg.runs import CONFIG, POSTPROCESS_YAML, fold_dirs
+from nucleiseg.runs import CONFIG, fold_dirs, postprocess_path, read_yaml
 from nucleiseg.targets import make_targets
 
 Params = PostprocessParams | InstanceParams
@@ -284,12 +283,13 @@ def load_params(run_dir: str | Path) -> Params:
     """The run's tuned thresholds (``postprocess.yaml``), else those its folds trained with.
 
     The thresholds are those of the run's family: watershed thresholds for
-    U-Net++, instance thresholds for Mask R-CNN.
+    U-Net++, instance thresholds for Mask R-CNN. Given one fold folder, they
+    are those of its run: the ``postprocess.yaml`` of the folder above.
     """
     run_dir = Path(run_dir)
     config = run_config(run_dir)
     family = get_family(config.model)
-    tuned = run_dir / POSTPROCESS_YAML
+    tuned = postprocess_path(run_dir)
     if tuned.is_file():
         return read_params(tuned, family)
     return family.params(config)
@@ -302,8 +302,9 @@ def read_params(path: str | Path, family: Family) -> Params:
 
     Raises:
         ValueError: If the file names settings the family does not have.
+        nucleiseg.data.DataError: If it is not a YAML mapping, naming it.
     """
-    values = yaml.safe_load(Path(path).read_text()) or {}
+    values = read_yaml(path)
     known = {f.name for f in dataclasses.fields(family.params_type)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -50,14 +50,14 @@ from scipy.ndimage import gaussian_filter1d
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
-from nucleiseg.atomic import atomic_path
-from nucleiseg.data import TRAIN_STAGE, DataError, find_images, read_image
+from nucleiseg.atomic import write_text
+from nucleiseg.cli import DEFAULT_FOLDS_PATH
+from nucleiseg.data import DataError, find_images, labelled_root, read_image
 from nucleiseg.modality import MODALITIES, classify_modality
 
 logger = logging.getLogger(__name__)
 
 FOLD_COLUMNS = ("image_id", "fold", "modality", "group")
-DEFAULT_FOLDS_PATH = Path("folds/folds.csv")
 
 ADJACENT = "adjacent"
 OVERLAP = "overlap"
@@ -598,8 +598,7 @@ def write_folds(frame: pd.DataFrame, path: str | Path) -> None:
         path: Destination CSV.
     """
     frame = _check_folds(frame, "folds to write")
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, lineterminator="\n")
+    write_text(path, frame.to_csv(index=False, lineterminator="\n"))
 
 
 def make_folds(data_root: str | Path, n_folds: int = 5, seed: int = 0) -> pd.DataFrame:
@@ -613,7 +612,7 @@ def make_folds(data_root: str | Path, n_folds: int = 5, seed: int = 0) -> pd.Dat
     Returns:
         The folds, as :func:`assign_folds` returns them.
     """
-    paths = find_images(Path(data_root) / TRAIN_STAGE)
+    paths = find_images(labelled_root(data_root))
     images = {k: read_image(p) for k, p in tqdm(paths.items(), desc="reading", unit="image")}
     modalities = {k: classify_modality(image) for k, image in images.items()}
     groups = find_groups(images, modalities)

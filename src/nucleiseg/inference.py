@@ -9,8 +9,8 @@ are predicted one by one, inverted exactly, and averaged as probabilities.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +22,11 @@ from nucleiseg import tta
 from nucleiseg.config import TrainConfig, load_config
 from nucleiseg.dataset import to_tensor
 from nucleiseg.models import build_model, load_weights
+from nucleiseg.options import FAMILY_MERGES
 from nucleiseg.precision import autocast
 from nucleiseg.runs import CONFIG, fold_dirs, weights_path
+from nucleiseg.sizing import TRAIN_MEDIAN_DIAMETER
 from nucleiseg.tiling import check_tile, pad_to_stride, predict_dense_tiled
-
-FAMILY_MERGES = ("nms", "vote", "agree", "fill", "maps")
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,13 @@ class InferenceOptions:
         family_iou: Mask IoU above which instances of two families are the
             same nucleus.
         map_weight: ``maps``: share of Mask R-CNN in the fused body map.
+        size_adaptive: Segment each image once (one view), measure its median
+            nucleus diameter and, outside the band ``size_target`` x/÷
+            ``size_tolerance``, predict again with every scale multiplied by
+            ``size_target / diameter`` (see :mod:`nucleiseg.sizing`).
+        size_target: Median equivalent diameter to bring nuclei to, in pixels
+            (the training set's).
+        size_tolerance: Diameters within this factor of the target are left alone.
     """
 
     tta: str = "none"
@@ -68,6 +75,9 @@ class InferenceOptions:
     family_merge: str = "maps"
     family_iou: float = 0.5
     map_weight: float = 0.35
+    size_adaptive: bool = False
+    size_target: float = TRAIN_MEDIAN_DIAMETER
+    size_tolerance: float = 1.25
 
     def __post_init__(self) -> None:
         if self.family_merge not in FAMILY_MERGES:
@@ -81,40 +91,15 @@ class InferenceOptions:
             check_tile(self.tile, self.overlap)
         if not 0 < self.vote_fraction <= 1:
             raise ValueError(f"vote_fraction must be in (0, 1], got {self.vote_fraction}")
+        if not self.size_target > 0 or not self.size_tolerance >= 1:
+            raise ValueError(
+                f"size_target must be positive and size_tolerance at least 1, got "
+                f"{self.size_target} and {self.size_tolerance}"
+            )
 
     def views(self) -> list[tuple[float, tta.Transform]]:
         """Every (scale, D4 transform) view, scales outermost."""
         return [(s, t) for s in self.scales for t in tta.transforms(self.tta)]
-
-
-def add_option_arguments(parser: argparse.ArgumentParser) -> None:
-    """Command-line flags for the fields of :class:`InferenceOptions`, all defaulting to unset."""
-    group = parser.add_argument_group("inference options (default: the bundle's, else built-in)")
-    group.add_argument("--tta", choices=list(tta.TTA_SETS), help="test-time D4 views")
-    group.add_argument("--scales", help="comma-separated, e.g. 1.0,1.25")
-    group.add_argument("--tile", type=int, help="tile side in pixels (multiple of 32)")
-    group.add_argument("--overlap", type=int, help="pixels shared by tiles")
-    group.add_argument("--batch-size", type=int, help="tiles per forward pass")
-    group.add_argument("--vote-fraction", type=float, help="Mask R-CNN views/folds that must agree")
-    group.add_argument("--merge", choices=FAMILY_MERGES, help="family merge")
-    group.add_argument(
-        "--map-weight", type=float, help="--merge maps: Mask R-CNN's share of the body map"
-    )
-
-
-def given_options(args: argparse.Namespace) -> dict:
-    """The :class:`InferenceOptions` fields set by :func:`add_option_arguments` flags."""
-    given = {
-        "tta": args.tta,
-        "scales": None if args.scales is None else list(tta.parse_scales(args.scales)),
-        "tile": args.tile,
-        "overlap": args.overlap,
-        "batch_size": args.batch_size,
-        "vote_fraction": args.vote_fraction,
-        "family_merge": args.merge,
-        "map_weight": args.map_weight,
-    }
-    return {name: value for name, value in given.items() if value is not None}
 
 
 def with_options(base: InferenceOptions, given: dict) -> InferenceOptions:
@@ -205,12 +190,15 @@ class FoldModel:
     model: nn.Module
 
 
-def load_fold_models(run_dir: Path, device: torch.device) -> list[FoldModel]:
+def load_fold_models(
+    run_dir: Path, device: torch.device, folds: Collection[int] | None = None
+) -> list[FoldModel]:
     """Every finished fold of a run: its compact weights and its configuration.
 
     Args:
         run_dir: Run folder holding ``fold<K>/`` folders, or one fold folder.
         device: Where the models will run.
+        folds: Load only these folds (None: all of them).
 
     Returns:
         One model per fold that has compact weights (float16 or int8), in eval mode.
@@ -221,7 +209,7 @@ def load_fold_models(run_dir: Path, device: torch.device) -> list[FoldModel]:
     loaded = []
     for fold, fold_dir in fold_dirs(run_dir).items():
         weights = weights_path(fold_dir)
-        if weights is None:
+        if weights is None or (folds is not None and fold not in folds):
             continue
         config = load_config(fold_dir / CONFIG, {"encoder_weights": None, "init_from": None})
         model = build_model(config)
@@ -231,7 +219,8 @@ def load_fold_models(run_dir: Path, device: torch.device) -> list[FoldModel]:
             model = model.to(memory_format=torch.channels_last)
         loaded.append(FoldModel(fold, config, model))
     if not loaded:
+        among = "" if folds is None else f" among folds {sorted(folds)}"
         raise FileNotFoundError(
-            f"{run_dir}: no fold with compact weights; has a fold finished training?"
+            f"{run_dir}: no fold with compact weights{among}; has a fold finished training?"
         )
     return loaded

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from torchvision.models import get_model_weights
 
 from nucleiseg.compact import expand_state
 from nucleiseg.config import TrainConfig
+from nucleiseg.data import DataError
 from nucleiseg.maskrcnn import build_maskrcnn
+from nucleiseg.runs import weights_problem
 from nucleiseg.targets import CHANNELS
 
 _LOCAL_WEIGHTS = (".pt", ".pth", ".bin", ".safetensors")
@@ -147,15 +150,31 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         path: A checkpoint written by the engine (its ``model`` entry is used),
             a bare state dict (e.g. the fp16 weights of a finished fold) or
             int8 weights (:mod:`nucleiseg.compact`).
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        nucleiseg.data.DataError: Naming the file, if it differs from the
+            checksum recorded when it was written, is truncated or corrupt,
+            or does not fit the model (see :func:`nucleiseg.runs.weights_problem`).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    problem = weights_problem(path)
+    if problem is not None:
+        raise DataError(problem)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise DataError(f"{path}: not a readable weights file ({error})") from error
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     state = expand_state(state)
     reference = model.state_dict()
-    model.load_state_dict(
-        {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
-    )
+    try:
+        model.load_state_dict(
+            {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
+        )
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise DataError(f"{path}: weights that do not fit the model ({first})") from error

@@ -12,14 +12,14 @@ Per fold folder ``<run>/fold<K>/oof/``:
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from nucleiseg.atomic import atomic_path
+from nucleiseg.atomic import write_bytes, write_png
 from nucleiseg.data import DataError, read_raw
 from nucleiseg.instances import SoftInstances
 from nucleiseg.runs import fold_dirs
@@ -30,21 +30,16 @@ PROBABILITIES_DIR = "probabilities"
 INSTANCES_DIR = "instances"
 
 
-def _write_png(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), array):
-            raise OSError(f"{path}: could not write PNG")
-
-
 def write_label_png(path: Path, labels: np.ndarray) -> None:
     """Write a label image as a uint16 PNG, atomically.
 
     Raises:
         ValueError: If a label does not fit in 16 bits.
+        nucleiseg.atomic.WriteError: If the file cannot be written, naming it.
     """
     if labels.size and labels.max() > np.iinfo(np.uint16).max:
         raise ValueError(f"{path}: more than 65535 labels do not fit a uint16 PNG")
-    _write_png(Path(path), labels.astype(np.uint16))
+    write_png(path, labels.astype(np.uint16))
 
 
 def save_prediction(
@@ -63,7 +58,7 @@ def save_prediction(
         quantized = np.rint(np.clip(probabilities, 0.0, 1.0) * 255).astype(np.uint8)
         # cv2 writes BGR: reverse so that body, border, separation are R, G, B.
         bgr = np.ascontiguousarray(quantized[::-1].transpose(1, 2, 0))
-        _write_png(fold_dir / OOF_DIR / PROBABILITIES_DIR / f"{image_id}.png", bgr)
+        write_png(fold_dir / OOF_DIR / PROBABILITIES_DIR / f"{image_id}.png", bgr)
 
 
 def save_instances(fold_dir: Path, image_id: str, instances: SoftInstances) -> None:
@@ -73,15 +68,15 @@ def save_instances(fold_dir: Path, image_id: str, instances: SoftInstances) -> N
     size, so the file grows with the nuclei rather than with the image.
     """
     flat = [np.rint(np.clip(m, 0.0, 1.0) * 255).astype(np.uint8).ravel() for m in instances.masks]
-    path = Path(fold_dir) / OOF_DIR / INSTANCES_DIR / f"{image_id}.npz"
-    with atomic_path(path) as tmp, tmp.open("wb") as f:
-        np.savez_compressed(
-            f,
-            shape=np.asarray(instances.shape, np.int64),
-            scores=instances.scores.astype(np.float32),
-            boxes=instances.boxes.astype(np.int64),
-            masks=np.concatenate(flat) if flat else np.zeros(0, np.uint8),
-        )
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        shape=np.asarray(instances.shape, np.int64),
+        scores=instances.scores.astype(np.float32),
+        boxes=instances.boxes.astype(np.int64),
+        masks=np.concatenate(flat) if flat else np.zeros(0, np.uint8),
+    )
+    write_bytes(Path(fold_dir) / OOF_DIR / INSTANCES_DIR / f"{image_id}.npz", buffer.getvalue())
 
 
 def read_instances(path: Path) -> SoftInstances:

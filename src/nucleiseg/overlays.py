@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 from skimage.segmentation import find_boundaries
 
-from nucleiseg.atomic import atomic_path
+from nucleiseg.atomic import write_png
 
 OUTLINE_RGB = (255, 255, 0)
 
@@ -32,8 +31,9 @@ def draw_outlines(image: np.ndarray, labels: np.ndarray, color=OUTLINE_RGB) -> n
 
 
 def write_overlay(path: Path, image: np.ndarray, labels: np.ndarray) -> None:
-    """Write :func:`draw_outlines` as a PNG, atomically."""
-    with atomic_path(Path(path)) as tmp:
-        bgr = np.ascontiguousarray(draw_outlines(image, labels)[..., ::-1])
-        if not cv2.imwrite(str(tmp), bgr):
-            raise OSError(f"{path}: could not write PNG")
+    """Write :func:`draw_outlines` as a PNG, atomically.
+
+    Raises:
+        nucleiseg.atomic.WriteError: If the file cannot be written, naming it.
+    """
+    write_png(path, np.ascontiguousarray(draw_outlines(image, labels)[..., ::-1]))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ import pandas as pd
 import torch
 import yaml
 
-from nucleiseg.atomic import atomic_path
+from nucleiseg.atomic import atomic_path, write_bytes
+from nucleiseg.cli import WEIGHTS_DIR
 from nucleiseg.compact import compact_state
 from nucleiseg.config import load_config
 from nucleiseg.evaluation import evaluate_run
@@ -41,9 +42,11 @@ from nucleiseg.runs import (
     WEIGHTS,
     WEIGHTS_INT8,
     fold_dirs,
+    read_yaml,
+    torch_bytes,
 )
+from nucleiseg.sources import parse_sources
 
-WEIGHTS_DIR = Path("weights")
 MANIFEST = "manifest.yaml"
 _CHUNK = 1 << 20
 
@@ -72,6 +75,8 @@ class Member:
         device: What trained it.
         seed: Its training seed.
         data: The dataset it trained on.
+        extra_data: External sources that joined its training images (name,
+            path, weight, tile; see :mod:`nucleiseg.sources`), empty for none.
     """
 
     run: str
@@ -88,6 +93,7 @@ class Member:
     device: str
     seed: int
     data: str
+    extra_data: list[dict[str, Any]] = field(default_factory=list)
 
 
 def sha256(path: Path) -> str:
@@ -111,7 +117,7 @@ def read_manifest(weights_dir: Path = WEIGHTS_DIR) -> dict[str, Any]:
             f"{path} not found: the reference weights are not there. Restore them with "
             "`git checkout -- weights` or pass --runs RUN_DIR to use your own runs."
         )
-    manifest = yaml.safe_load(path.read_text()) or {}
+    manifest = read_yaml(path)
     if not manifest.get("files") or not manifest.get("members"):
         raise ReferenceWeightsError(f"{path}: lists no files or no members")
     return manifest
@@ -166,7 +172,7 @@ def _member(
     precision: str,
 ) -> Member:
     config = load_config(fold_dir / CONFIG)
-    info = yaml.safe_load((fold_dir / RUN_INFO).read_text())
+    info = read_yaml(fold_dir / RUN_INFO)
     epochs = pd.read_csv(fold_dir / EPOCHS_CSV)
     return Member(
         run=run_dir.name,
@@ -183,6 +189,7 @@ def _member(
         device=str(info.get("device", "unknown")),
         seed=config.seed,
         data=f"{info.get('data_dir', '?')}/stage1_train, every image outside fold {fold}",
+        extra_data=[asdict(source) for source in parse_sources(config.extra_data)],
     )
 
 
@@ -248,10 +255,13 @@ def export(
     for part in parts:
         run_dir, folds, precision = Path(part.run), part.folds, part.precision
         weights_name = WEIGHTS if precision == "float16" else WEIGHTS_INT8
+        # An int8 bundle also takes folds that keep only their int8 weights
+        # (what new runs commit); a float16 one needs the float16 file.
+        sources = (WEIGHTS,) if precision == "float16" else (WEIGHTS_INT8, WEIGHTS)
         chosen = {
             k: d
             for k, d in fold_dirs(run_dir).items()
-            if (d / WEIGHTS).is_file() and (folds is None or k in folds)
+            if any((d / name).is_file() for name in sources) and (folds is None or k in folds)
         }
         if not chosen:
             raise FileNotFoundError(f"{run_dir}: no finished fold among {folds or 'all'}")
@@ -265,11 +275,12 @@ def export(
             (staging / fold_name).mkdir(parents=True)
             for name in (CONFIG, RUN_INFO):
                 shutil.copyfile(d / name, staging / fold_name / name)
-            if precision == "float16":  # the file as trained, byte for byte
-                shutil.copyfile(d / WEIGHTS, staging / fold_name / weights_name)
+            if (d / weights_name).is_file():  # the file as the run keeps it, byte for byte
+                shutil.copyfile(d / weights_name, staging / fold_name / weights_name)
             else:
                 trained = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
-                torch.save(compact_state(trained, precision), staging / fold_name / weights_name)
+                stored = torch_bytes(compact_state(trained, precision))
+                write_bytes(staging / fold_name / weights_name, stored)
             names += [f"{fold_name}/{name}" for name in (CONFIG, RUN_INFO, weights_name)]
             scores = per_image.loc[per_image["fold"] == k, "score"]
             members.append(asdict(_member(run_dir, k, d, scores, weights_name, precision)))

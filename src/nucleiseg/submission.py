@@ -12,6 +12,7 @@ have as a CSV.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from nucleiseg import metric, rle
-from nucleiseg.atomic import atomic_path
+from nucleiseg.atomic import write_text
 
 COLUMNS = ("ImageId", "EncodedPixels")
 _MAX_LISTED = 20
@@ -103,6 +104,7 @@ def write_submission(labels_by_image: Mapping[str, np.ndarray], path: str | os.P
     Raises:
         SubmissionError: If the rows do not validate against the label images'
             own ids and shapes; nothing is written then.
+        nucleiseg.atomic.WriteError: If the file cannot be written, naming it.
     """
     rows: list[_Row] = []
     for image_id in sorted(labels_by_image):
@@ -112,12 +114,11 @@ def write_submission(labels_by_image: Mapping[str, np.ndarray], path: str | os.P
     problems, _ = _check(rows, sizes)
     if problems:
         raise SubmissionError(problems)
-    path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as file:
-        writer = csv.writer(file, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        writer.writerows((row.image_id, row.encoded) for row in rows)
-    return path
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    writer.writerows((row.image_id, row.encoded) for row in rows)
+    return write_text(path, text.getvalue())
 
 
 def validate_submission(

@@ -1,0 +1,159 @@
+"""Score a model, a run, a bundle or saved label images on any labelled folder (held-out data).
+
+    python scripts/evaluate_external.py --images ../shared/data/monuseg/test
+    python scripts/evaluate_external.py --runs runs/unetpp_effb0 --folds 0 --tta flip \
+        --images ../shared/data/monuseg/test
+    python scripts/evaluate_external.py --runs runs/unetpp_effb0 --size-adaptive \
+        --images ../shared/data/monuseg/test --save-labels predictions/monuseg_labels
+    python scripts/evaluate_external.py --labels predictions/monuseg_labels \
+        --images ../shared/data/monuseg/test
+
+``--images`` is a labelled folder: ``images/`` + ``labels/`` (label images)
+or the competition layout with masks. Without ``--runs`` or ``--labels`` the
+reference bundle in ``weights/`` predicts, with the inference options of its
+manifest (flags override them). ``--folds`` keeps only some fold models of the
+runs (e.g. ``0`` to compare one fold-0 model with another). With ``--labels``
+no model runs: the label PNGs in that folder (named by image id) are scored.
+Prints the mean AP (the competition metric) per image and per modality in the
+same style as the CV, and ends with ``<name> mean AP: <value>``. Every input
+and output is checked before any model loads (images and their labels, the
+runs or the bundle, the output paths): each problem is one ``error:`` line and
+the exit status is 2.
+
+MoNuSeg (Kumar et al., IEEE TMI 2017 and 2020; CC BY-NC-SA 4.0) is the
+held-out external check of this project: its ``test/`` never trains anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from nucleiseg import cli, data
+
+log = logging.getLogger("evaluate_external")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    from nucleiseg.options import add_option_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, required=True, help="labelled folder to score on")
+    parser.add_argument("--runs", type=Path, nargs="+", help="run folders (default: --weights)")
+    parser.add_argument(
+        "--weights", type=Path, default=cli.WEIGHTS_DIR, help="bundle used without --runs"
+    )
+    parser.add_argument("--folds", help="fold models to use: a number, a list or all (default)")
+    parser.add_argument("--labels", type=Path, help="score these saved label PNGs; no model")
+    parser.add_argument("--name", help="name of the data in the last line (default: folder)")
+    parser.add_argument("--save-labels", type=Path, help="also write the label PNGs here")
+    parser.add_argument("--per-image", type=Path, help="write per-image scores to this CSV")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_option_arguments(parser)
+    return parser
+
+
+def _data_name(folder: Path) -> str:
+    """``monuseg/test`` for ``../shared/data/monuseg/test``."""
+    return "/".join(folder.resolve().parts[-2:])
+
+
+def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, Path], list[Path], object, set]:
+    """Images with labels, runs, options and folds, every problem refused at once (status 2)."""
+    from nucleiseg.checks import bundle_problems, image_problems, output_problems, run_problems
+    from nucleiseg.folds import parse_fold_list
+    from nucleiseg.inference import InferenceOptions, with_options
+    from nucleiseg.options import given_options
+    from nucleiseg.reference import inference_options
+    from nucleiseg.runs import fold_dirs
+
+    problems = output_problems([args.per_image], [args.save_labels])
+    images, found = image_problems(args.images)
+    problems += found
+    try:
+        data.check_labelled(images)
+    except data.DataError as error:
+        problems.append(str(error))
+    runs, options, folds = [], None, None
+    if args.labels is not None:
+        missing = [i for i in images if not (args.labels / f"{i}.png").is_file()]
+        if missing:
+            shown = f"{len(missing)} images, e.g. {missing[0]}"
+            problems.append(f"{args.labels}: no label PNG for {shown}")
+        cli.refuse_if(problems)
+        return images, runs, options, folds
+    if args.runs:
+        runs = list(args.runs)
+        problems += run_problems(runs)
+    else:
+        runs, bundle = bundle_problems(args.weights)
+        problems += bundle
+    try:
+        base = inference_options(args.weights) if runs and not args.runs else InferenceOptions()
+        options = with_options(base, given_options(args))
+        if args.folds is not None:
+            available = {k for run in runs for k in fold_dirs(run)}
+            folds = set(parse_fold_list(args.folds, available))
+    except (data.DataError, ValueError) as error:
+        problems.append(str(error))
+    cli.refuse_if(problems)
+    return images, runs, options, folds
+
+
+def main(args: argparse.Namespace) -> float:
+    from nucleiseg.atomic import WriteError, atomic_path
+    from nucleiseg.evaluation import print_external_report, score_labelled
+
+    images, runs, options, folds = _check_inputs(args)
+    with cli.refusing(data.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
+        if args.labels is not None:
+            predictions, modalities = _saved(args, images)
+        else:
+            predictions, modalities = _predicted(args, images, runs, options, folds)
+        per_image = score_labelled(predictions, args.images, modalities)
+        if args.per_image:
+            with atomic_path(args.per_image) as tmp:
+                per_image.to_csv(tmp, index=False, float_format="%.6g")
+    return print_external_report(per_image, args.name or _data_name(args.images))
+
+
+def _saved(args: argparse.Namespace, images: dict[str, Path]) -> tuple[dict, dict]:
+    """Saved label PNGs and each image's modality; no model."""
+    from nucleiseg.modality import classify_modality
+    from nucleiseg.oof import read_label_png
+
+    predictions = {i: read_label_png(args.labels / f"{i}.png") for i in images}
+    modalities = {i: classify_modality(data.read_image(path)) for i, path in images.items()}
+    return predictions, modalities
+
+
+def _predicted(args, images, runs, options, folds) -> tuple[dict, dict]:
+    """Label images segmented now by the runs' fold models, and each image's modality."""
+    from nucleiseg.ensemble import segment_images
+    from nucleiseg.family import params_by_family
+    from nucleiseg.inference import load_fold_models, resolve_device
+    from nucleiseg.modality import classify_modality
+    from nucleiseg.oof import write_label_png
+
+    device = resolve_device(args.device)
+    models = [m for run in runs for m in load_fold_models(run, device, folds)]
+    names = ", ".join(Path(r).name for r in runs)
+    log.info("%d models (%s), %d images", len(models), names, len(images))
+    modalities = {}
+
+    def save(image_id, image, labels) -> None:
+        modalities[image_id] = classify_modality(image)
+        if args.save_labels:
+            write_label_png(args.save_labels / f"{image_id}.png", labels)
+
+    started = time.perf_counter()
+    predictions = segment_images(models, images, params_by_family(runs), device, options, save)
+    print(f"{(time.perf_counter() - started) / len(images):.2f} s per image")
+    return predictions, modalities
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main(get_args_parser().parse_args())
