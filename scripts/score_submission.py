@@ -7,8 +7,9 @@ Run from the repository root::
         --truth stage1_train_labels.csv --images path/to/stage1_train --per-image scores.csv
 
 The truth is a labelled folder (the competition layout with masks, or
-``images/`` + ``labels/`` label images), a solution CSV with Height/Width, or a train-labels CSV plus ``--images`` for the sizes. The
-submission is validated against the truth's images first; its problems are
+``images/`` + ``labels/`` label images), a solution CSV with Height/Width, or
+a train-labels CSV plus ``--images`` for the sizes. The submission is
+validated against the truth's images first; its problems are
 printed and the exit status is 1 if it is invalid. The last line printed is
 ``score: <value>``. An unusable truth, image folder or ``--per-image`` path is
 one ``error:`` line each and exit status 2, before anything is scored.
