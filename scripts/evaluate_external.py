@@ -62,7 +62,7 @@ def _data_name(folder: Path) -> str:
 
 def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, Path], list[Path], object, set]:
     """Images with labels, runs, options and folds, every problem refused at once (status 2)."""
-    from nucleiseg.checks import bundle_problems, image_problems, output_problems, run_problems
+    from nucleiseg.checks import labelled_problems, model_problems, output_problems
     from nucleiseg.folds import parse_fold_list
     from nucleiseg.inference import InferenceOptions, with_options
     from nucleiseg.options import given_options
@@ -70,12 +70,8 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, Path], list[Path]
     from nucleiseg.runs import fold_dirs
 
     problems = output_problems([args.per_image], [args.save_labels])
-    images, found = image_problems(args.images)
+    images, found = labelled_problems(args.images)
     problems += found
-    try:
-        data.check_labelled(images)
-    except data.DataError as error:
-        problems.append(str(error))
     runs, options, folds = [], None, None
     if args.labels is not None:
         missing = [i for i in images if not (args.labels / f"{i}.png").is_file()]
@@ -84,12 +80,8 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, Path], list[Path]
             problems.append(f"{args.labels}: no label PNG for {shown}")
         cli.refuse_if(problems)
         return images, runs, options, folds
-    if args.runs:
-        runs = list(args.runs)
-        problems += run_problems(runs)
-    else:
-        runs, bundle = bundle_problems(args.weights)
-        problems += bundle
+    runs, found = model_problems(args.runs, args.weights)
+    problems += found
     try:
         base = inference_options(args.weights) if runs and not args.runs else InferenceOptions()
         options = with_options(base, given_options(args))

@@ -144,7 +144,7 @@ class _Inputs:
 
 def _check_inputs(args: argparse.Namespace) -> _Inputs:
     """Check outputs, runs or bundle, images and options; refuse (status 2) naming every problem."""
-    from nucleiseg.checks import bundle_problems, image_problems, output_problems, run_problems
+    from nucleiseg.checks import image_problems, model_problems, output_problems
     from nucleiseg.family import params_by_family
     from nucleiseg.inference import InferenceOptions, resolve_device, with_options
     from nucleiseg.options import given_options
@@ -159,12 +159,8 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
         if args.out is None:
             problems.append("--out is required (or --oof with --out-dir)")
         problems += output_problems([args.out], [args.save_labels, args.save_overlays])
-    if args.runs:
-        runs = list(args.runs)
-        problems += run_problems(runs)
-    else:
-        runs, bundle = bundle_problems(args.weights)
-        problems += bundle
+    runs, found = model_problems(args.runs, args.weights)
+    problems += found
     data_dir, fold_of = None, None
     if args.oof:
         data_dir, images, fold_of, found = _oof_inputs(args, runs)

@@ -40,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> float:
     from nucleiseg.atomic import WriteError
-    from nucleiseg.checks import bundle_problems, image_problems, output_problems
+    from nucleiseg.checks import bundle_problems, image_problems, labelled_problems, output_problems
     from nucleiseg.ensemble import segment_images, write_out_of_fold
     from nucleiseg.evaluation import evaluate_run, print_cv_report
     from nucleiseg.family import params_by_family
@@ -55,11 +55,10 @@ def main(args: argparse.Namespace) -> float:
     problems += found
     test_images, found = image_problems(args.data_dir / data.TEST_STAGE)
     problems += found
-    train_images, found = image_problems(args.data_dir / data.TRAIN_STAGE)
+    train_images, found = labelled_problems(args.data_dir / data.TRAIN_STAGE)
     problems += found
     try:
         if train_images:
-            data.check_labelled(train_images)
             fold_of = fold_assignment(args.folds_csv, train_images).set_index("image_id")["fold"]
         options = inference_options(args.weights) if runs else None
         device = resolve_device(args.device)

@@ -8,6 +8,8 @@ import pytest
 from skimage.draw import disk
 
 from nucleiseg import data
+from nucleiseg.checks import training_problems
+from nucleiseg.config import load_config
 from nucleiseg.data import DataError, Sample
 from nucleiseg.dataset import load_samples
 from nucleiseg.sources import (
@@ -135,3 +137,17 @@ def test_sources_are_parsed_and_mixed_by_weight():
     ]:
         with pytest.raises(ValueError, match=message):
             parse_sources(bad)
+
+
+def test_training_checks_external_sources_before_reading_any_image(tmp_path):
+    own, extra = tmp_path / "own", tmp_path / "extra"
+    _pair(own, "a", _labels())
+    _pair(own, "b", _labels())
+    _pair(extra, "x", _labels())
+    _pair(extra, "y", _labels())
+    (extra / "labels" / "y.png").unlink()
+    folds_csv = tmp_path / "folds.csv"
+    folds_csv.write_text("image_id,fold,modality,group\na,0,tissue,0\nb,1,tissue,1\n")
+    config = load_config(overrides={"extra_data": [{"path": str(extra), "weight": 0.5}]})
+    problems = training_problems(config, own, folds_csv, "0", tmp_path / "run", resume=False)
+    assert len(problems) == 1 and "y.png" in problems[0] and "1 of 2 images" in problems[0]

@@ -26,6 +26,16 @@ def runs_family(run_dir):
 
 
 MASKRCNN = {"model": "maskrcnn", "maskrcnn": TINY_MASKRCNN}
+# One epoch of two steps on 64 px crops, in float32 on the main process: seconds.
+TINY_TRAINING = {
+    "epochs": 1,
+    "samples_per_epoch": 4,
+    "batch_size": 2,
+    "crop_size": 64,
+    "num_workers": 0,
+    "amp": False,
+    "channels_last": False,
+}
 
 
 def _discs(seed, size=64):
@@ -55,15 +65,7 @@ def trained_run(request, tmp_path_factory):
     config = root / "tiny.yaml"
     config.write_text(
         yaml.safe_dump(
-            {
-                "epochs": 1,
-                "samples_per_epoch": 4,
-                "batch_size": 2,
-                "crop_size": 64,
-                "num_workers": 0,
-                "amp": False,
-                "channels_last": False,
-            }
+            TINY_TRAINING
             | (
                 {"model": "maskrcnn", "maskrcnn": TINY_MASKRCNN}
                 if request.param == "maskrcnn"
@@ -576,14 +578,7 @@ def test_training_reads_label_folders_and_records_external_sources(tmp_path):
         {"image_id": ids, "fold": [0, 1, 0, 1], "modality": "fluorescence", "group": range(4)}
     ).to_csv(folds_csv, index=False)
     config = tmp_path / "tiny.yaml"
-    settings = {
-        "epochs": 1,
-        "samples_per_epoch": 4,
-        "batch_size": 2,
-        "crop_size": 64,
-        "num_workers": 0,
-        "amp": False,
-        "channels_last": False,
+    settings = TINY_TRAINING | {
         "colour": {"stain_fluorescence": 0.5, "haematoxylin_only": 0.5, "stain_jitter": 0.5},
         "extra_data": [{"name": "extra", "path": str(extra), "weight": 0.5, "tile": 32}],
     }

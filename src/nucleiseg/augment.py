@@ -58,7 +58,7 @@ import cv2
 import numpy as np
 from skimage.color import hed2rgb, rgb2hed
 
-from nucleiseg.modality import COLOUR_CHROMA, DARK_MEDIAN
+from nucleiseg.modality import FLUORESCENCE, TISSUE, classify_modality
 
 
 @dataclass
@@ -82,26 +82,25 @@ class ColourParams:
     grey: float = 0.1
 
 
-def _background(img: np.ndarray) -> tuple[float, float]:
-    """Median grey level and chroma of a crop (every 4th pixel: enough, and cheap)."""
-    rgb = img[::4, ::4].astype(np.float32)
-    chroma = np.abs(rgb[..., 0] - rgb[..., 1]).mean() + np.abs(rgb[..., 1] - rgb[..., 2]).mean()
-    return float(np.median(rgb.mean(axis=2))), float(chroma)
+def _crop_modality(img: np.ndarray) -> str:
+    """:func:`nucleiseg.modality.classify_modality` of a crop, on every 4th pixel (cheap)."""
+    return classify_modality(img[::4, ::4])
 
 
 def is_stained(img: np.ndarray) -> bool:
-    """A light-background colour crop (stained tissue), by :mod:`nucleiseg.modality`'s rule."""
-    median, chroma = _background(img)
-    return median > DARK_MEDIAN and chroma >= COLOUR_CHROMA
+    """A light-background colour crop (stained tissue)."""
+    return _crop_modality(img) == TISSUE
 
 
 def is_dark(img: np.ndarray) -> bool:
-    """A dark-background crop (fluorescence), by :mod:`nucleiseg.modality`'s rule."""
-    return _background(img)[0] <= DARK_MEDIAN
+    """A dark-background crop (fluorescence)."""
+    return _crop_modality(img) == FLUORESCENCE
 
 
-def _render(hed: np.ndarray) -> np.ndarray:
-    return np.rint(np.clip(hed2rgb(hed), 0.0, 1.0) * 255.0).astype(np.uint8)
+def _render(hed: np.ndarray, tint: np.ndarray | None = None) -> np.ndarray:
+    """Stain amounts mixed back to RGB uint8, the ground optionally tinted (RGB factors)."""
+    rgb = hed2rgb(hed) if tint is None else hed2rgb(hed) * tint
+    return np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 class StainJitter(A.ImageOnlyTransform):
@@ -175,7 +174,7 @@ class HaematoxylinOnly(A.ImageOnlyTransform):
         hed = rgb2hed(img)
         hed[..., 0] *= factor
         hed[..., 1:] = 0.0
-        return np.rint(np.clip(hed2rgb(hed) * tint, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return _render(hed, tint)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         """Arguments shown by ``repr`` and used by serialization."""
@@ -236,7 +235,7 @@ class StainFluorescence(A.ImageOnlyTransform):
         hed = np.zeros(img.shape, dtype=np.float64)
         hed[..., 0] = haematoxylin * nucleus + haze
         hed[..., 1] = eosin * np.clip(1.0 + 0.4 * smooth, 0.2, 2.0) * (1.0 - 0.5 * nucleus)
-        return np.rint(np.clip(hed2rgb(hed) * tint, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return _render(hed, tint)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         """Arguments shown by ``repr`` and used by serialization."""

@@ -28,6 +28,7 @@ from nucleiseg.runs import (
     weights_path,
     weights_problem,
 )
+from nucleiseg.sources import parse_sources
 
 
 def output_problems(
@@ -56,6 +57,34 @@ def image_problems(folder: Path) -> tuple[dict[str, Path], list[str]]:
     except DataError as error:
         return {}, [str(error)]
     return images, check_image_files(images.values())
+
+
+def labelled_problems(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """:func:`image_problems`, plus every image without labels (a label image or masks folder)."""
+    images, problems = image_problems(folder)
+    try:
+        check_labelled(images)
+    except DataError as error:
+        problems.append(str(error))
+    return images, problems
+
+
+def model_problems(
+    run_dirs: Sequence[Path] | None, weights_dir: Path
+) -> tuple[list[Path], list[str]]:
+    """The run folders a command predicts with, and their problems.
+
+    Args:
+        run_dirs: Runs given with ``--runs`` (checked by :func:`run_problems`);
+            None or empty uses the bundle (checked by :func:`bundle_problems`).
+        weights_dir: The bundle used without runs.
+
+    Returns:
+        The run folders (empty if the bundle fails), and the problems.
+    """
+    if run_dirs:
+        return list(run_dirs), run_problems(run_dirs)
+    return bundle_problems(weights_dir)
 
 
 def bundle_problems(weights_dir: Path) -> tuple[list[Path], list[str]]:
@@ -139,18 +168,17 @@ def training_problems(
     """Problems with a training command's inputs and outputs, found before any image is read.
 
     Checks the run folder can be written and, without ``resume``, holds no
-    checkpoint of a fold to train; that the dataset's images read (headers)
-    and have labels; that the folds file covers them and names the folds
-    asked for; and that the local weights to start from are intact.
+    checkpoint of a fold to train; that the dataset's images and those of every
+    external source (``extra_data``) read (headers) and have labels; that the
+    folds file covers them and names the folds asked for; and that the local
+    weights to start from are intact.
     """
     problems = output_problems(folders=[run_dir])
-    images, found = image_problems(labelled_root(data_dir))
+    for source in parse_sources(config.extra_data):
+        problems += labelled_problems(Path(source.path))[1]
+    images, found = labelled_problems(labelled_root(data_dir))
     problems += found
     if images:
-        try:
-            check_labelled(images)
-        except DataError as error:
-            problems.append(str(error))
         try:
             available = fold_assignment(folds_csv, images)["fold"].unique()
             folds = parse_fold_list(fold_spec, sorted(available))

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from nucleiseg.data import DataError, Sample
+from nucleiseg.data import Sample
 from nucleiseg.dataset import load_samples
 
 SOURCE_KEYS = ("name", "path", "weight", "tile")
@@ -140,9 +140,7 @@ def load_source(source: ExtraSource) -> LoadedSource:
         DataError: If the folder is missing, holds no labelled image, or a
             label image is bad (each error names its file).
     """
-    samples = load_samples(source.path)
-    if not samples:
-        raise DataError(f"{source.path}: no labelled images")
+    samples = load_samples(source.path)  # raises on a folder without images
     if source.tile is not None:
         samples = [t for s in samples for t in tile_sample(s, source.tile)]
     return LoadedSource(source, samples)
