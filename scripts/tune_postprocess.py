@@ -8,6 +8,11 @@ U-Net++ runs tune the watershed thresholds on their probability maps, Mask
 R-CNN runs the instance thresholds (score, mask, NMS, minimum size) on their
 soft instances.
 
+A fold whose ``oof/`` holds label images only (a fresh clone: raw outputs
+are not committed) has its raw outputs predicted again from its weights,
+without test-time views as in training, and cached where ``scripts/ablate.py``
+keeps them (``<run>/cache/``).
+
 Writes the best thresholds to ``<run>/postprocess.yaml`` (used by
 ``scripts/predict.py``) and every evaluation to ``<run>/postprocess_search.csv``.
 With ``--apply`` the out-of-fold label images are rewritten with the tuned
@@ -27,9 +32,11 @@ import yaml
 from tqdm import tqdm
 
 from nucleiseg import data, oof
+from nucleiseg.ablation import run_raws
 from nucleiseg.atomic import atomic_path
 from nucleiseg.config import load_config
 from nucleiseg.family import get_family
+from nucleiseg.inference import InferenceOptions, resolve_device
 from nucleiseg.runs import CONFIG, POSTPROCESS_YAML, read_run_info
 from nucleiseg.tuning import coordinate_search, mean_score
 
@@ -44,6 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--folds", type=int, nargs="+", help="tune on these folds' OOF outputs only (default: all)"
     )
     parser.add_argument("--apply", action="store_true", help="rewrite the OOF label images")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return parser
 
 
@@ -61,8 +69,14 @@ def main(args: argparse.Namespace) -> None:
     start = family.params(config)
     images = data.find_images(data.labelled_root(data_dir))
     raws, fold_dir_of = {}, {}
-    for fold_dir in folds.values():
-        for image_id, raw in family.load_oof(fold_dir).items():
+    for fold, fold_dir in folds.items():
+        try:
+            fold_raws = family.load_oof(fold_dir)
+        except data.DataError:  # label images only
+            log.info("fold %d: no raw outputs in %s, predicting them again", fold, fold_dir)
+            device = resolve_device(args.device)
+            fold_raws, _ = run_raws(args.run_dir, InferenceOptions(), data_dir, device, [fold])
+        for image_id, raw in fold_raws.items():
             raws[image_id] = raw
             fold_dir_of[image_id] = fold_dir
     truth = {i: data.labels_of(images[i]) for i in tqdm(raws, desc="truth", unit="image")}

@@ -13,7 +13,7 @@ from skimage.draw import disk
 
 from nucleiseg import data, oof, reference, runs
 from nucleiseg.evaluation import evaluate_run
-from nucleiseg.family import load_params, run_config
+from nucleiseg.family import get_family, load_params, run_config
 from nucleiseg.postprocess import PostprocessParams
 from nucleiseg.targets import make_targets
 from nucleiseg.tuning import coordinate_search, mean_score
@@ -256,6 +256,26 @@ def test_tune_postprocess_writes_thresholds_no_worse_than_the_start(trained_run)
     assert search.loc[search["mean_ap"].idxmax(), "min_size"] == tuned.min_size
     with pytest.raises(SystemExit, match=r"no OOF outputs for fold\(s\) \[7\]"):
         run_script("tune_postprocess", [run_dir, "--folds", "1", "7"])
+
+
+@pytest.mark.slow
+def test_tune_postprocess_predicts_raw_outputs_a_fresh_clone_lacks(trained_run, tmp_path):
+    # A clone holds each fold's OOF label images but not the raw outputs behind them.
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run[0], run_dir)
+    for raw_dir in run_dir.glob(f"fold*/{oof.OOF_DIR}/*"):
+        if raw_dir.name != oof.LABELS_DIR:
+            shutil.rmtree(raw_dir)
+    for tuned in (runs.POSTPROCESS_YAML, "postprocess_search.csv"):
+        (run_dir / tuned).unlink(missing_ok=True)
+    run_script("tune_postprocess", [run_dir, "--device", "cpu"])
+    family = get_family(runs_family(run_dir))
+    for fold, fold_dir in oof.oof_fold_dirs(run_dir).items():
+        (cache,) = run_dir.glob(f"cache/*/fold{fold}")
+        labelled = {p.stem for p in (fold_dir / oof.OOF_DIR / oof.LABELS_DIR).glob("*.png")}
+        assert set(family.load_oof(cache)) == labelled
+    assert (run_dir / runs.POSTPROCESS_YAML).is_file()
+    assert len(pd.read_csv(run_dir / "postprocess_search.csv")) > 1
 
 
 @pytest.fixture
