@@ -68,13 +68,13 @@ def main(args: argparse.Namespace) -> None:
     family = get_family(config.model)
     start = family.params(config)
     images = data.find_images(data.labelled_root(data_dir))
+    device = resolve_device(args.device)
     raws, fold_dir_of = {}, {}
     for fold, fold_dir in folds.items():
         try:
             fold_raws = family.load_oof(fold_dir)
         except data.DataError:  # label images only
             log.info("fold %d: no raw outputs in %s, predicting them again", fold, fold_dir)
-            device = resolve_device(args.device)
             fold_raws, _ = run_raws(args.run_dir, InferenceOptions(), data_dir, device, [fold])
         for image_id, raw in fold_raws.items():
             raws[image_id] = raw

@@ -12,7 +12,7 @@ from helpers import TINY_MASKRCNN, run_script, write_labelled
 from skimage.draw import disk
 
 from nucleiseg import data, oof, reference, runs
-from nucleiseg.ablation import views_key
+from nucleiseg.ablation import CACHE_DIR, views_key
 from nucleiseg.evaluation import evaluate_run
 from nucleiseg.family import get_family, load_params, run_config
 from nucleiseg.inference import InferenceOptions
@@ -268,13 +268,13 @@ def test_tune_postprocess_predicts_raw_outputs_a_fresh_clone_lacks(trained_run, 
     for raw_dir in run_dir.glob(f"fold*/{oof.OOF_DIR}/*"):
         if raw_dir.name != oof.LABELS_DIR:
             shutil.rmtree(raw_dir)
-    shutil.rmtree(run_dir / "cache", ignore_errors=True)  # left by the ablation tests
+    shutil.rmtree(run_dir / CACHE_DIR, ignore_errors=True)  # left by the ablation tests
     for tuned in (runs.POSTPROCESS_YAML, "postprocess_search.csv"):
         (run_dir / tuned).unlink(missing_ok=True)
     run_script("tune_postprocess", [run_dir, "--device", "cpu"])
     family = get_family(runs_family(run_dir))
     for fold, fold_dir in oof.oof_fold_dirs(run_dir).items():
-        cache = run_dir / "cache" / views_key(InferenceOptions()) / f"fold{fold}"
+        cache = run_dir / CACHE_DIR / views_key(InferenceOptions()) / f"fold{fold}"
         labelled = {p.stem for p in (fold_dir / oof.OOF_DIR / oof.LABELS_DIR).glob("*.png")}
         assert set(family.load_oof(cache)) == labelled
     assert (run_dir / runs.POSTPROCESS_YAML).is_file()
