@@ -7,7 +7,7 @@
     python scripts/predict.py --runs runs/unetpp_effb0 runs/maskrcnn_r18 \
         --images ../shared/data/dsb2018/stage1_test --out submissions/stage1_test_ens.csv \
         --tta d4 --scales 1.0,1.25 --save-labels predictions/labels \
-        --save-overlays predictions/overlays
+        --save-overlays predictions/overlays --save-outlines predictions/outlines
     python scripts/predict.py --oof --runs runs/unetpp_effb0 --tta flip --out-dir runs/oof_flip
 
 Without ``--runs``, the reference ensemble bundled in ``weights/`` predicts,
@@ -59,6 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="submission CSV to write")
     parser.add_argument("--save-labels", type=Path, help="also write uint16 label PNGs here")
     parser.add_argument("--save-overlays", type=Path, help="also write outline overlays here")
+    parser.add_argument(
+        "--save-outlines", type=Path, help="also write GeoJSON outlines (QuPath) here"
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--oof", action="store_true", help="predict the runs' OOF images")
     parser.add_argument("--out-dir", type=Path, help="with --oof: run folder to write")
@@ -69,8 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _writer(args: argparse.Namespace):
-    """The per-image callback: label PNGs and overlays, as asked."""
+    """The per-image callback: label PNGs, overlays and GeoJSON outlines, as asked."""
     from nucleiseg.oof import write_label_png
+    from nucleiseg.outlines import write_outlines
     from nucleiseg.overlays import write_overlay
 
     def write(image_id: str, image, labels) -> None:
@@ -78,6 +82,8 @@ def _writer(args: argparse.Namespace):
             write_label_png(args.save_labels / f"{image_id}.png", labels)
         if args.save_overlays:
             write_overlay(args.save_overlays / f"{image_id}.png", image, labels)
+        if args.save_outlines:
+            write_outlines(args.save_outlines / f"{image_id}.geojson", labels)
 
     return write
 
@@ -154,11 +160,15 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
     if args.oof:
         if args.out_dir is None:
             problems.append("--oof needs --out-dir")
-        problems += output_problems(folders=[args.out_dir, args.save_labels, args.save_overlays])
+        problems += output_problems(
+            folders=[args.out_dir, args.save_labels, args.save_overlays, args.save_outlines]
+        )
     else:
         if args.out is None:
             problems.append("--out is required (or --oof with --out-dir)")
-        problems += output_problems([args.out], [args.save_labels, args.save_overlays])
+        problems += output_problems(
+            [args.out], [args.save_labels, args.save_overlays, args.save_outlines]
+        )
     runs, found = model_problems(args.runs, args.weights)
     problems += found
     data_dir, fold_of = None, None

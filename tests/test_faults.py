@@ -441,7 +441,8 @@ def test_help_does_not_import_torch(repo_root):
     code = (
         "import sys\n"
         "for name in ('train', 'validate_submission', 'score_submission', 'evaluate_oof',\n"
-        "             'predict', 'quickstart', 'evaluate_external'):\n"
+        "             'predict', 'quickstart', 'evaluate_external', 'finetune',\n"
+        "             'learning_curve'):\n"
         "    __import__(f'scripts.{name}', fromlist=['x']).get_args_parser().format_help()\n"
         "print(sorted(m for m in ('torch', 'segmentation_models_pytorch') if m in sys.modules))\n"
     )

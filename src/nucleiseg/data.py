@@ -54,6 +54,10 @@ class OverlapWarning(UserWarning):
     """Instance masks of one image claimed the same pixels; the overlap was resolved."""
 
 
+class BinaryLabelsWarning(UserWarning):
+    """A label image is a binary mask (one value, several regions); its regions became nuclei."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """One image, with its instance labels when they are known."""
@@ -301,7 +305,9 @@ def read_label_image(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
         shape: (H, W) of the image the labels belong to.
 
     Returns:
-        int32 label image of shape ``shape``.
+        int32 label image of shape ``shape``; a binary mask (one value in
+        several separate regions) comes out as its connected regions, with a
+        :class:`BinaryLabelsWarning`.
 
     Raises:
         DataError: If the file is missing, empty or unreadable, has colour
@@ -331,7 +337,32 @@ def read_label_image(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
         raise DataError(f"{path}: label image holds negative values")
     if raw.size and raw.max() > np.iinfo(np.int32).max:
         raise DataError(f"{path}: label values exceed the int32 range")
-    return raw.astype(np.int32)
+    return _instances_of_binary_mask(raw.astype(np.int32), path)
+
+
+def _instances_of_binary_mask(labels: np.ndarray, path: Path) -> np.ndarray:
+    """Instance labels of a label image; a binary mask becomes its connected regions.
+
+    One non-zero value over several separate regions is a binary mask (0/1 or
+    0/255) rather than instance labels: each 4-connected region becomes a
+    nucleus, with a :class:`BinaryLabelsWarning`, since nuclei that touch
+    cannot be told apart. One value in one region is a single nucleus.
+    """
+    foreground = labels > 0
+    values = labels[foreground]
+    if values.size == 0 or values.min() != values.max():
+        return labels
+    count, regions = cv2.connectedComponents(foreground.astype(np.uint8), connectivity=4)
+    if count <= 2:  # the background and one nucleus
+        return labels
+    warnings.warn(
+        f"{path}: a binary mask (0 and {values[0]}), not instance labels: its {count - 1} "
+        "separate regions are taken as nuclei, so touching nuclei become one; give every "
+        "nucleus its own value to keep them apart",
+        BinaryLabelsWarning,
+        stacklevel=3,
+    )
+    return regions.astype(np.int32)
 
 
 def _files_by_stem(folder: Path) -> dict[str, Path]:

@@ -31,6 +31,7 @@ from nucleiseg.atomic import atomic_path, write_bytes
 from nucleiseg.cli import WEIGHTS_DIR
 from nucleiseg.compact import compact_state
 from nucleiseg.config import load_config
+from nucleiseg.data import LABEL_IMAGES, TRAIN_STAGE
 from nucleiseg.evaluation import evaluate_run
 from nucleiseg.folds import DEFAULT_FOLDS_PATH
 from nucleiseg.inference import InferenceOptions, with_options
@@ -188,9 +189,17 @@ def _member(
         epochs=len(epochs),
         device=str(info.get("device", "unknown")),
         seed=config.seed,
-        data=f"{info.get('data_dir', '?')}/stage1_train, every image outside fold {fold}",
+        data=f"{_training_images(info.get('data_dir', '?'))}, every image outside fold {fold}",
         extra_data=[asdict(source) for source in parse_sources(config.extra_data)],
     )
+
+
+def _training_images(data_dir: str) -> str:
+    """The training images of a run's data folder: itself when it is an images/ + labels/
+    pair (as a fine-tuning set is), else its competition training stage."""
+    if (Path(data_dir) / LABEL_IMAGES).is_dir():
+        return data_dir
+    return f"{data_dir}/{TRAIN_STAGE}"
 
 
 @dataclass(frozen=True)
