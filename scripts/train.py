@@ -4,11 +4,18 @@
     python scripts/train.py --model unetpp --fold all --data-dir ../shared/data/dsb2018
     python scripts/train.py --model unetpp --fold 0 --resume          # continue an interrupted run
     python scripts/train.py --config configs/unetpp_sample.yaml --fold 0,1 --device auto
+    torchrun --nproc-per-node 4 scripts/train.py --model unetpp --fold 0 --device cuda
 
 Each fold writes to ``<out-dir>/fold<K>/`` (default ``runs/<experiment>/fold<K>/``):
 config.yaml, run.yaml, epochs.csv, last.ckpt, best.ckpt, weights_fp16.pt and
 oof/ (see ``nucleiseg.oof``). Score the out-of-fold predictions with
 ``scripts/evaluate_oof.py runs/<experiment>``.
+
+Started by ``torchrun --nproc-per-node N``, the N processes train each fold
+together with DistributedDataParallel (NCCL, one GPU each, with
+``--device cuda``; gloo on CPU), sharing every batch of ``batch_size`` crops;
+rank 0 alone validates and writes, and ``--resume`` works as in one process
+(see ``nucleiseg.distributed``).
 
 The configuration, the run folder, the dataset's images (headers) and labels,
 the folds file and the weights to start from are checked before any image is
@@ -57,6 +64,7 @@ def main(args: argparse.Namespace) -> None:
     from nucleiseg.atomic import WriteError
     from nucleiseg.checks import training_problems
     from nucleiseg.config import load_config
+    from nucleiseg.distributed import launch
     from nucleiseg.engine import train_folds
     from nucleiseg.inference import resolve_device
     from nucleiseg.runs import read_yaml
@@ -81,7 +89,11 @@ def main(args: argparse.Namespace) -> None:
     cli.refuse_if(
         training_problems(config, args.data_dir, args.folds_csv, args.fold, run_dir, args.resume)
     )
-    with cli.refusing(data.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
+    with (
+        cli.refusing(data.DataError),
+        cli.refusing(WriteError, status=cli.FAILURE_STATUS),
+        launch(device) as device,
+    ):
         train_folds(config, args.data_dir, args.folds_csv, args.fold, run_dir, device, args.resume)
 
 

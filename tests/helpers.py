@@ -7,8 +7,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from skimage.draw import disk
 
 from nucleiseg.config import TrainConfig, load_config
+from nucleiseg.data import Sample
 
 
 def write_item(root: Path, image_id: str, image: np.ndarray, masks=()) -> Path:
@@ -40,6 +42,18 @@ def write_labelled(root: Path, labels_by_image: dict[str, np.ndarray]) -> None:
         grey = np.where(labels > 0, 200, 20).astype(np.uint8)
         masks = [((labels == v) * 255).astype(np.uint8) for v in np.unique(labels[labels > 0])]
         write_item(root, image_id, np.dstack([grey] * 3), masks)
+
+
+def disc_sample(image_id: str, seed: int, size: int = 64) -> Sample:
+    """A labelled image of four bright discs of radius 4-7 px on a dark ground."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((size, size), np.int32)
+    for label in range(1, 5):
+        center = rng.integers(8, size - 8, 2)
+        labels[disk(tuple(center), rng.integers(4, 8), shape=labels.shape)] = label
+    image = np.full((size, size, 3), 10, np.uint8)
+    image[labels > 0] = 200
+    return Sample(image_id, image, labels)
 
 
 def run_script(name: str, argv) -> object:

@@ -4,12 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import tiny_config, tiny_maskrcnn_config
-from skimage.draw import disk
+from helpers import disc_sample, tiny_config, tiny_maskrcnn_config
 
 from nucleiseg import engine, oof, runs
 from nucleiseg.config import TrainConfig, load_config
-from nucleiseg.data import Sample
 from nucleiseg.dataset import to_tensor
 from nucleiseg.family import get_family
 from nucleiseg.inference import predict_probabilities
@@ -17,17 +15,6 @@ from nucleiseg.losses import bce_dice_loss, get_loss
 from nucleiseg.models import build_model, load_weights
 from nucleiseg.targets import make_targets
 from nucleiseg.tiling import pad_to_stride
-
-
-def _sample(image_id: str, seed: int, size: int = 64) -> Sample:
-    rng = np.random.default_rng(seed)
-    labels = np.zeros((size, size), np.int32)
-    for label in range(1, 5):
-        center = rng.integers(8, size - 8, 2)
-        labels[disk(tuple(center), rng.integers(4, 8), shape=labels.shape)] = label
-    image = np.full((size, size, 3), 10, np.uint8)
-    image[labels > 0] = 200
-    return Sample(image_id, image, labels)
 
 
 def test_unetpp_output_shape_and_backward():
@@ -96,7 +83,7 @@ def test_family_defaults_come_before_the_file_and_the_flags(tmp_path):
 def test_training_steps_lower_the_loss():
     config = tiny_config(samples_per_epoch=8, lr=3e-3)
     trainer = engine.Trainer.create(config, torch.device("cpu"))
-    sample = _sample("a", 0)
+    sample = disc_sample("a", 0)
     images = torch.stack([to_tensor(sample.image)] * 2)
     targets = torch.from_numpy(make_targets(sample.labels)).float()[None].repeat(2, 1, 1, 1)
     losses = []
@@ -113,8 +100,8 @@ def test_training_steps_lower_the_loss():
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["unetpp", "maskrcnn"])
 def test_resumed_run_ends_exactly_like_an_uninterrupted_one(family, tmp_path, monkeypatch):
-    train = [_sample(f"t{i}", i) for i in range(3)]
-    val = [_sample("v0", 10)]
+    train = [disc_sample(f"t{i}", i) for i in range(3)]
+    val = [disc_sample("v0", 10)]
     modalities = {s.image_id: "fluorescence" for s in train + val}
     config = tiny_config() if family == "unetpp" else tiny_maskrcnn_config()
     cpu = torch.device("cpu")

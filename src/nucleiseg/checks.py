@@ -14,6 +14,7 @@ from pathlib import Path
 from nucleiseg.atomic import output_problem
 from nucleiseg.config import TrainConfig, load_config
 from nucleiseg.data import DataError, check_image_files, check_labelled, find_images, labelled_root
+from nucleiseg.distributed import batch_problem, launched_processes
 from nucleiseg.family import get_family, read_params
 from nucleiseg.folds import fold_assignment, parse_fold_list
 from nucleiseg.reference import MANIFEST, ReferenceWeightsError, verify
@@ -170,10 +171,13 @@ def training_problems(
     Checks the run folder can be written and, without ``resume``, holds no
     checkpoint of a fold to train; that the dataset's images and those of every
     external source (``extra_data``) read (headers) and have labels; that the
-    folds file covers them and names the folds asked for; and that the local
-    weights to start from are intact.
+    folds file covers them and names the folds asked for; that the local
+    weights to start from are intact; and, started by torchrun, that its
+    processes can share every batch equally.
     """
     problems = output_problems(folders=[run_dir])
+    if batch := batch_problem(config.batch_size, launched_processes()):
+        problems.append(f"{batch} (torchrun --nproc-per-node)")
     for source in parse_sources(config.extra_data):
         problems += labelled_problems(Path(source.path))[1]
     images, found = labelled_problems(labelled_root(data_dir))

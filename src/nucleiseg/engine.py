@@ -6,6 +6,12 @@ last checkpoint and one CSV row per epoch, then predict the validation images
 out of fold. An interrupted run resumes from its last checkpoint and ends
 exactly as an uninterrupted one would: the crops of every epoch depend only
 on (seed, epoch, index), and the checkpoint holds the random state.
+
+Started by torchrun as several processes (:mod:`nucleiseg.distributed`), a
+fold trains with ``DistributedDataParallel``: ``batch_size`` stays the global
+batch, shared equally by the processes, so the steps, the learning-rate
+schedule and the crops of every step are those of one process; rank 0 alone
+validates and writes.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from nucleiseg import distributed
 from nucleiseg.atomic import write_bytes, write_text
 from nucleiseg.augment import train_transform
 from nucleiseg.compact import compact_state
@@ -84,12 +92,19 @@ def peak_memory_mb(device: torch.device) -> float:
 
 @dataclass
 class Trainer:
-    """Model, optimiser and schedule of one fold, built from the configuration."""
+    """Model, optimiser and schedule of one fold, built from the configuration.
+
+    ``model`` is the model itself (what is validated and saved); the training
+    steps go through ``train_model``, which is the same model in one process
+    and its ``DistributedDataParallel`` wrapper, averaging the gradients, in
+    several.
+    """
 
     config: TrainConfig
     family: Family
     device: torch.device
     model: nn.Module
+    train_model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -102,6 +117,11 @@ class Trainer:
         model = build_model(config).to(device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        train_model = model
+        if distributed.world_size() > 1:
+            # The wrapper copies rank 0's initial weights to every process.
+            device_ids = [device.index] if device.type == "cuda" else None
+            train_model = DistributedDataParallel(model, device_ids=device_ids)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -112,10 +132,27 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         # Loss scaling is only needed for float16; bfloat16 has float32's range.
         scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
-        return cls(config, family, device, model, optimizer, scheduler, scaler, steps_per_epoch)
+        return cls(
+            config,
+            family,
+            device,
+            model,
+            train_model,
+            optimizer,
+            scheduler,
+            scaler,
+            steps_per_epoch,
+        )
 
     def state(self, epoch: int, history: list[dict], best_score: float) -> dict:
-        return {
+        """The checkpoint: model, optimiser, schedule, history and random state.
+
+        In several processes every process must call this (it gathers each
+        one's random state, which differ once their crops draw differently
+        from torch's generator, as Mask R-CNN's proposal sampling does).
+        """
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -126,31 +163,42 @@ class Trainer:
             "history": history,
             "best_score": best_score,
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "cuda_rng": cuda_rng,
         }
+        if distributed.world_size() > 1:
+            state["rank_rng"] = distributed.gather((state["torch_rng"], cuda_rng))
+        return state
 
     def restore(self, state: dict) -> tuple[int, list[dict], float]:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        torch_rng, cuda_rng = state["torch_rng"], state.get("cuda_rng")
+        if "rank_rng" in state and len(state["rank_rng"]) == distributed.world_size():
+            torch_rng, cuda_rng = state["rank_rng"][distributed.rank()]
+        torch.set_rng_state(torch_rng)
+        if cuda_rng is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(cuda_rng)
         return state["epoch"], state["history"], state["best_score"]
 
     def train_one_epoch(self, loader: DataLoader, epoch: int) -> float:
-        """One pass over the loader; returns the mean training loss."""
+        """One pass over the loader; returns the mean training loss (over every process)."""
         self.model.train()
         total, count = 0.0, 0
-        progress = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch")
+        progress = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{self.config.epochs}",
+            unit="batch",
+            disable=not distributed.is_main(),
+        )
         for images, targets in progress:
             images = images.to(self.device, non_blocking=True)
             if isinstance(targets, torch.Tensor):
                 targets = targets.to(self.device, non_blocking=True)
             if self.config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            loss = self.family.training_loss(self.model, images, targets, self.config)
+            loss = self.family.training_loss(self.train_model, images, targets, self.config)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -159,6 +207,7 @@ class Trainer:
             total += loss.item() * len(images)
             count += len(images)
             progress.set_postfix(loss=f"{total / count:.4f}")
+        total, count = distributed.sum_over_ranks([total, count])
         return total / max(count, 1)
 
     def validate(
@@ -218,7 +267,8 @@ def train_fold(
         val_samples: The fold's held-out images with labels.
         modalities: Image id -> modality, for sampling the rarer kinds more often.
         out_dir: Run folder of the fold; receives config.yaml, epochs.csv,
-            last.ckpt, best.ckpt, weights_fp16.pt and oof/.
+            last.ckpt, best.ckpt, weights_fp16.pt and oof/ (from rank 0 alone
+            when several processes train the fold).
         device: Where to train.
         resume: Continue from ``out_dir/last.ckpt``. Without it, a folder that
             already holds a checkpoint is an error, so nothing is overwritten
@@ -242,7 +292,9 @@ def train_fold(
             torch.load(last_path, map_location=device, weights_only=False)
         )
         log.info("resuming %s after epoch %d", out_dir, start_epoch)
-    save_config(config, out_dir / CONFIG)
+    main = distributed.is_main()
+    if main:
+        save_config(config, out_dir / CONFIG)
 
     family = trainer.family
     extra_samples = [s for extra in extras for s in extra.samples]
@@ -270,8 +322,9 @@ def train_fold(
         dataset.set_epoch(epoch)
         loader = DataLoader(
             dataset,
-            batch_size=config.batch_size,
+            batch_size=distributed.local_batch_size(config.batch_size),
             shuffle=False,
+            sampler=distributed.sampler(dataset),
             drop_last=True,
             num_workers=config.num_workers,
             pin_memory=device.type == "cuda",
@@ -284,7 +337,8 @@ def train_fold(
             "val_map": float("nan"),
             "lr": trainer.scheduler.get_last_lr()[0],
         }
-        if epoch + 1 == config.epochs:
+        # Rank 0 alone validates; the other ranks wait for it in trainer.state below.
+        if main and epoch + 1 == config.epochs:
             # Out-of-fold predictions come from the last epoch, not the best one:
             # picking the epoch by its validation score would tune on the held-out
             # images. They are made with the weights as kept (rounded to float16),
@@ -294,7 +348,7 @@ def train_fold(
             write_int8_weights(out_dir)  # what the run commits
             load_weights(trainer.model, out_dir / WEIGHTS)
             row["val_loss"], row["val_map"] = trainer.validate(val_samples, save_oof)
-        elif (epoch + 1) % config.val_every == 0:
+        elif main and (epoch + 1) % config.val_every == 0:
             row["val_loss"], row["val_map"] = trainer.validate(val_samples)
         row["seconds"] = time.perf_counter() - started
         row["peak_memory_mb"] = peak_memory_mb(device)
@@ -312,11 +366,12 @@ def train_fold(
             row["seconds"],
         )
         state = trainer.state(epoch + 1, history, max(best_score, row["val_map"]))
-        if row["val_map"] > best_score:
-            best_score = row["val_map"]
-            _save(state, out_dir / BEST)
-        _save(state, last_path)
-        _write_history(history, out_dir / EPOCHS_CSV)
+        if main:
+            if row["val_map"] > best_score:
+                best_score = row["val_map"]
+                _save(state, out_dir / BEST)
+            _save(state, last_path)
+            _write_history(history, out_dir / EPOCHS_CSV)
 
     return trainer.model
 
@@ -365,13 +420,15 @@ def train_folds(
             ", ".join(f"{len(e.samples)} tiles of {e.source.name}" for e in extras) or "no extras",
             out_dir,
         )
-        write_run_info(
-            out_dir,
-            fold=fold,
-            data_dir=data_dir,
-            device=device,
-            amp=config.amp,
-            extra_data=[e.source.path for e in extras],
-        )
+        if distributed.is_main():
+            write_run_info(
+                out_dir,
+                fold=fold,
+                data_dir=data_dir,
+                device=device,
+                amp=config.amp,
+                extra_data=[e.source.path for e in extras],
+                processes=distributed.world_size(),
+            )
         train_fold(config, train, val, modalities, out_dir, device, resume=resume, extras=extras)
     return folds

@@ -97,10 +97,13 @@ def write_run_info(
     device: torch.device,
     amp: bool,
     extra_data: list[str] | None = None,
+    processes: int = 1,
 ) -> None:
     """Record where a fold's data came from and what ran it (``run.yaml``).
 
-    ``extra_data`` lists the external folders that joined the training images.
+    ``extra_data`` lists the external folders that joined the training images;
+    ``processes``, recorded when more than 1, how many trained the fold
+    together (torchrun; ``threads`` is then each one's).
 
     ``precision`` is what the model computed in, which for ``amp`` depends on
     the hardware (see ``nucleiseg.precision``).
@@ -114,6 +117,7 @@ def write_run_info(
         "precision": precision_name(device, amp),
         "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),
+        **({"processes": processes} if processes > 1 else {}),
     }
     write_text(Path(fold_dir) / RUN_INFO, yaml.safe_dump(info, sort_keys=False))
 
