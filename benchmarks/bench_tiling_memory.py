@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def child(args: argparse.Namespace) -> None:
     model = build_model(TrainConfig()).eval()
     image = np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
     tile = args.tile if args.child == "tiled" else None
-    options = InferenceOptions(tile=tile, overlap=args.overlap)
+    # Whole means one pass, however large: no tiles for the memory budget.
+    options = InferenceOptions(tile=tile, overlap=args.overlap, max_memory=math.inf)
     started = time.perf_counter()
     maps = predict_probabilities(model, image, torch.device("cpu"), args.bf16, options)
     seconds = time.perf_counter() - started

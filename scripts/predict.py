@@ -14,7 +14,10 @@ Without ``--runs``, the reference ensemble bundled in ``weights/`` predicts,
 after every file is checked against its manifest (``--weights`` names another
 bundle). Every finished fold of every run predicts each image, over the test-time views
 (``--tta``, ``--scales``), whole or in overlapping tiles (``--tile``,
-``--overlap``). U-Net++ folds are averaged as probabilities, Mask R-CNN folds
+``--overlap``; an image whose whole-image pass would take more than
+``--max-memory`` GB is tiled without being asked, so any size works, and the
+progress bar counts its tiles). ``--fast`` keeps one fold model per family and
+no test-time views. U-Net++ folds are averaged as probabilities, Mask R-CNN folds
 merged by vote, and the two families merged by ``--merge``; each run's tuned
 thresholds are used (its ``postprocess.yaml``, that of the run above when
 ``--runs`` names one fold folder). ``--images`` is a folder in the
@@ -67,6 +70,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", type=Path, help="with --oof: run folder to write")
     parser.add_argument("--data-dir", type=Path, help="with --oof: dataset (default: the runs')")
     parser.add_argument("--folds-csv", type=Path, default=cli.DEFAULT_FOLDS_PATH)
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="one fold model per family (the first; with --oof each image's own) and no "
+        "test-time views",
+    )
     add_option_arguments(parser)
     return parser
 
@@ -153,7 +162,7 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
     from nucleiseg.checks import image_problems, model_problems, output_problems
     from nucleiseg.family import params_by_family
     from nucleiseg.inference import InferenceOptions, resolve_device, with_options
-    from nucleiseg.options import given_options
+    from nucleiseg.options import FAST_VIEWS, given_options
     from nucleiseg.reference import inference_options
 
     problems = []
@@ -183,6 +192,10 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
     except ValueError as error:  # the only flag parsed here
         problems.append(f"--scales {args.scales}: {error}")
         given = {}
+    if args.fast:
+        if args.tta is not None or args.scales is not None:
+            problems.append("--fast has no test-time views: leave out --tta and --scales")
+        given |= FAST_VIEWS
     try:
         base = inference_options(args.weights) if runs and not args.runs else InferenceOptions()
         options = with_options(base, given)
@@ -217,11 +230,13 @@ def main(args: argparse.Namespace):
 def _predict(args: argparse.Namespace, inputs: _Inputs) -> dict:
     """Segment the images, writing each one's outputs as it comes, then the submission."""
     from nucleiseg.ensemble import segment_images
-    from nucleiseg.inference import load_fold_models
+    from nucleiseg.inference import first_fold_per_family, load_fold_models
     from nucleiseg.submission import write_submission
 
     device = inputs.device
     models = [member for run in inputs.runs for member in load_fold_models(run, device)]
+    if args.fast:
+        models = first_fold_per_family(models)
     log.info("%d fold models", len(models))
     started = time.perf_counter()
     labels = segment_images(

@@ -233,6 +233,9 @@ def test_predict_checks_every_output_before_any_model_loads(tiny_run, tmp_path, 
         f"{tmp_path / 'file'}: is a file, not a folder",
     ]
     assert _refused("predict", argv) == ["--out is required (or --oof with --out-dir)"]
+    assert _refused("predict", argv + ["--out", tmp_path / "s.csv", "--fast", "--tta", "d4"]) == [
+        "--fast has no test-time views: leave out --tta and --scales"
+    ]
 
 
 # 4. Inputs are checked before any model loads: one line per problem, exit status 2.

@@ -47,10 +47,10 @@ def test_blend_weights_are_positive_and_fall_towards_edges():
 @pytest.mark.parametrize("shape", [(70, 45), (100, 130), (33, 200), (64, 64)])
 @pytest.mark.parametrize("tile,overlap", [(None, 0), (32, 0), (32, 8), (64, 16), (96, 40)])
 def test_tiling_an_identity_model_returns_its_input(shape, tile, overlap):
-    image = to_tensor(_random_image(shape))
+    image = _random_image(shape)
     out = predict_dense_tiled(lambda batch: batch, image, tile, overlap, batch_size=3)
     assert out.shape == (3, *shape)
-    np.testing.assert_allclose(out, image.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out, to_tensor(image).numpy(), rtol=0, atol=1e-5)
 
 
 def _small_convnet() -> nn.Module:
@@ -64,7 +64,7 @@ def test_tiled_output_of_a_real_convnet_matches_the_whole_image_output():
     # Receptive field 7 px: with 32 px of overlap, only a seam's few pixels see
     # different context, and the blend gives them little weight.
     model = _small_convnet()
-    image = to_tensor(_random_image((150, 210), seed=1))
+    image = _random_image((150, 210), seed=1)
     whole = predict_dense_tiled(model, image, None, 0)
     tiled = predict_dense_tiled(model, image, 64, 32, batch_size=4)
     inner = (slice(None), slice(4, -4), slice(4, -4))
@@ -138,7 +138,8 @@ def test_tta_of_an_identity_model_returns_its_input():
 
 class _ThresholdDetector(nn.Module):
     """A stand-in Mask R-CNN: one detection per bright component, masks cut as the
-    real mask head's targets are (RoIAlign of the binary mask over the box)."""
+    real mask head's targets are (RoIAlign of the binary mask over the box), with
+    the tile entry point of the real one."""
 
     def forward(self, images):
         outputs = []
@@ -168,6 +169,15 @@ class _ThresholdDetector(nn.Module):
             )
             scores = torch.linspace(0.9, 0.8, n)
             outputs.append({"boxes": boxes, "scores": scores, "masks": masks})
+        return outputs
+
+    def detect(self, images, keep=None, count_scale=1.0):
+        """As :meth:`nucleiseg.maskrcnn.NucleusMaskRCNN.detect`: only the kept detections."""
+        outputs = self(images)
+        if keep is not None:
+            for output, kept in zip(outputs, keep, strict=True):
+                mask = kept(output["boxes"])
+                output.update({key: value[mask] for key, value in output.items()})
         return outputs
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -137,14 +137,16 @@ def fuse_maps(maps: np.ndarray, detections: SoftInstances, weight: float) -> np.
 
 
 def labels_from_raws(
-    raws: Mapping[str, Sequence],
+    raws: Mapping[str, Iterable],
     params: Mapping[str, Params],
     options: InferenceOptions | None = None,
 ) -> np.ndarray:
     """Label image from the raw outputs of several models of one or both families.
 
     Args:
-        raws: Family name -> the raw outputs of its models for one image.
+        raws: Family name -> the raw outputs of its models for one image: a
+            sequence, or an iterator that makes them one at a time, so that a
+            family's outputs are combined as they come rather than all held.
         params: Family name -> its raw output -> instances thresholds.
         options: The vote and family merge settings.
 
@@ -177,6 +179,7 @@ def segment_image(
     params: Mapping[str, Params],
     device: torch.device,
     options: InferenceOptions | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Label image of one RGB image from fold models of one or both families.
 
@@ -190,18 +193,44 @@ def segment_image(
         params: Family name -> its raw output -> instances thresholds.
         device: Where the models run.
         options: Test-time views, tiling, merge rules and size adaptation.
+        progress: Called after each forward pass with the tiles done and the
+            tiles to do in all (every model, view and tile; with size
+            adaptation the second pass is added once the first has measured).
 
     Returns:
         int32 label image, 0 = background.
     """
     options = options or InferenceOptions()
+    counter = _TileCounter(progress)
     if options.size_adaptive:
         first = dataclasses.replace(options, size_adaptive=False, tta="none", scales=(1.0,))
-        first_labels = _segment_once(models, image, params, device, first)
+        counter.plan(models, image.shape[:2], first)
+        first_labels = _segment_once(models, image, params, device, first, counter)
         options = size_adapted_options(first_labels, options)
         if options.scales == (1.0,) and options.tta == "none":
             return first_labels
-    return _segment_once(models, image, params, device, options)
+    counter.plan(models, image.shape[:2], options)
+    return _segment_once(models, image, params, device, options, counter)
+
+
+class _TileCounter:
+    """Tiles done and to do for one image, passed on to a progress callback."""
+
+    def __init__(self, progress: Callable[[int, int], None] | None) -> None:
+        self.progress = progress
+        self.done = self.total = 0
+
+    def plan(
+        self, models: Sequence[FoldModel], shape: tuple[int, int], options: InferenceOptions
+    ) -> None:
+        for member in models:
+            family = get_family(member.config.model)
+            self.total += family.tile_count(shape, member.config, options)
+
+    def __call__(self, tiles: int) -> None:
+        self.done += tiles
+        if self.progress is not None:
+            self.progress(self.done, self.total)
 
 
 def size_adapted_options(first_labels: np.ndarray, options: InferenceOptions) -> InferenceOptions:
@@ -226,13 +255,19 @@ def _segment_once(
     params: Mapping[str, Params],
     device: torch.device,
     options: InferenceOptions,
+    progress: Callable[[int], None],
 ) -> np.ndarray:
-    raws: dict[str, list] = {}
+    by_family: dict[str, list[FoldModel]] = {}
     for member in models:
-        family = get_family(member.config.model)
-        raw = family.predict(member.model, image, member.config, device, options)
-        raws.setdefault(family.name, []).append(raw)
-    return labels_from_raws(raws, params, options)
+        by_family.setdefault(member.config.model, []).append(member)
+
+    def outputs(family: str) -> Iterator:
+        for member in by_family[family]:
+            yield get_family(family).predict(
+                member.model, image, member.config, device, options, progress
+            )
+
+    return labels_from_raws({name: outputs(name) for name in by_family}, params, options)
 
 
 def segment_images(
@@ -258,11 +293,21 @@ def segment_images(
         Image id -> int32 label image.
     """
     labels = {}
-    for image_id, path in tqdm(images.items(), desc="predict", unit="image"):
-        image = read_image(path)
-        labels[image_id] = segment_image(models, image, params, device, options)
-        if on_labels is not None:
-            on_labels(image_id, image, labels[image_id])
+    with tqdm(total=len(images), desc="predict", unit="image") as bar:
+        for done, (image_id, path) in enumerate(images.items()):
+            image = read_image(path)
+
+            def progress(tiles: int, total: int, done=done) -> None:
+                # A fraction of the image per tile, so a long image moves the bar.
+                bar.n = round(done + tiles / total, 2)
+                bar.set_postfix_str(f"tiles {tiles}/{total}", refresh=False)
+                bar.refresh()
+
+            labels[image_id] = segment_image(models, image, params, device, options, progress)
+            bar.n = done + 1
+            bar.refresh()
+            if on_labels is not None:
+                on_labels(image_id, image, labels[image_id])
     return labels
 
 

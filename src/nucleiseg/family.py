@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from nucleiseg import oof
+from nucleiseg import detection, inference, oof
 from nucleiseg.config import TrainConfig, load_config
 from nucleiseg.data import Sample
 from nucleiseg.dataset import to_tensor
@@ -91,17 +91,27 @@ class Family(ABC):
         config: TrainConfig,
         device: torch.device,
         options: InferenceOptions | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Any:
         """Raw output of the model for one whole RGB image, over the test-time views of
-        ``options`` (None: one whole-image pass); the model is put in eval mode."""
+        ``options`` (None: one whole-image pass); the model is put in eval mode.
+        ``progress`` is called with the number of tiles each forward pass covered."""
+
+    @abstractmethod
+    def tile_count(
+        self, shape: tuple[int, int], config: TrainConfig, options: InferenceOptions
+    ) -> int:
+        """Forward passes (tiles, over every view) :meth:`predict` makes for an image of this
+        (H, W)."""
 
     @abstractmethod
     def to_labels(self, raw: Any, params: Params) -> np.ndarray:
         """Raw output -> int32 label image, 0 = background."""
 
     @abstractmethod
-    def combine(self, raws: Sequence[Any], options: InferenceOptions) -> Any:
-        """One raw output from those of several models (folds) for the same image."""
+    def combine(self, raws: Iterable[Any], options: InferenceOptions) -> Any:
+        """One raw output from those of several models (folds) for the same image
+        (a sequence, or an iterator consumed once as the models predict)."""
 
     @abstractmethod
     def instances(self, raw: Any, params: Params) -> SoftInstances:
@@ -141,16 +151,28 @@ class UnetPlusPlusFamily(Family):
         loss = get_loss(config.loss)(logits[None], targets[None]).item()
         return loss, torch.sigmoid(logits).numpy()
 
-    def predict(self, model, image, config, device, options=None):
+    def predict(self, model, image, config, device, options=None, progress=None):
         model.eval()
-        return predict_probabilities(model, image, device, config.amp, options)
+        return predict_probabilities(model, image, device, config.amp, options, progress)
+
+    def tile_count(self, shape, config, options):
+        return inference.tile_count(shape, options)
 
     def to_labels(self, raw, params):
         return instances_from_probabilities(raw, params)
 
     def combine(self, raws, options):
-        # Averaged maps: the models' agreement decides every boundary.
-        return np.mean(np.stack(raws), axis=0)
+        # Averaged maps: the models' agreement decides every boundary. Summed as they
+        # come, so that only one model's maps exist beside the sum (the same float32
+        # sum, in the same order, as a mean over the stacked maps).
+        total, count = None, 0
+        for raw in raws:
+            total = np.array(raw, copy=True) if total is None else np.add(total, raw, out=total)
+            count += 1
+        if total is None:
+            raise ValueError("no maps to combine")
+        total /= count
+        return total
 
     def instances(self, raw, params):
         return scored_instances(self.to_labels(raw, params), raw[BODY])
@@ -226,14 +248,18 @@ class MaskRCNNFamily(Family):
         loss = float(sum(v.float() for v in losses.values()))
         return loss, self.predict(model, sample.image, config, device)
 
-    def predict(self, model, image, config, device, options=None):
-        return detect(model, image, config.maskrcnn, device, config.amp, options)
+    def predict(self, model, image, config, device, options=None, progress=None):
+        return detect(model, image, config.maskrcnn, device, config.amp, options, progress)
+
+    def tile_count(self, shape, config, options):
+        return detection.tile_count(shape, config.maskrcnn, options)
 
     def to_labels(self, raw: SoftInstances, params: InstanceParams) -> np.ndarray:
         return instances_to_labels(raw, params)
 
     def combine(self, raws, options):
         # Found by at least ceil(vote_fraction x models) models, masks averaged.
+        raws = list(raws)
         if len(raws) == 1:
             return raws[0]
         min_votes = max(1, math.ceil(options.vote_fraction * len(raws)))

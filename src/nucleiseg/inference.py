@@ -5,12 +5,14 @@ Images are padded (by reflection) to a multiple of the network's stride rather
 than resized, so that nuclei keep the size the model was trained on, and the
 output is cropped back to the image. Test-time views (D4 transforms, scales)
 are predicted one by one, inverted exactly, and averaged as probabilities.
+A view whose whole-image pass would take more memory than
+``InferenceOptions.max_memory`` is predicted in tiles, so any image size fits.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,18 @@ from nucleiseg.options import FAMILY_MERGES
 from nucleiseg.precision import autocast
 from nucleiseg.runs import CONFIG, fold_dirs, weights_path
 from nucleiseg.sizing import TRAIN_MEDIAN_DIAMETER
-from nucleiseg.tiling import check_tile, pad_to_stride, predict_dense_tiled
+from nucleiseg.tiling import (
+    auto_tile,
+    check_tile,
+    count_tiles,
+    pad_to_stride,
+    padded_shape,
+    predict_dense_tiled,
+)
+
+# Peak memory of a U-Net++ (tu-efficientnet_b0) forward pass per input pixel, float32:
+# measured 630 B on a whole 1 MP image and 480 B on 4 MP (bfloat16: 340 and 230 B).
+UNETPP_BYTES_PER_PIXEL = 600
 
 
 @dataclass(frozen=True)
@@ -37,10 +50,14 @@ class InferenceOptions:
         tta: D4 views: ``none``, ``flip`` (identity, left-right, up-down) or
             ``d4`` (all 8 flips and quarter turns).
         scales: Resize factors; each scale is predicted with every D4 view.
-        tile: Tile side in pixels (a multiple of 32), or None for whole images.
+        tile: Tile side in pixels (a multiple of 32), or None for whole images
+            (tiled only where ``max_memory`` says so).
         overlap: Pixels shared by neighbouring tiles; for Mask R-CNN it must
             exceed the largest nucleus, so that each one is whole in some tile.
-        batch_size: Tiles per forward pass.
+        batch_size: Tiles per forward pass, when ``tile`` is given.
+        max_memory: Without ``tile``: gigabytes one forward pass may take; a
+            view whose whole-image pass would take more is cut into the
+            largest tiles that fit, one a pass (``inf``: never).
         vote_fraction: Mask R-CNN: share of the views (D4 x scales) that must
             find a nucleus for it to be kept.
         vote_iou: Mask R-CNN: mask IoU above which instances of two views are
@@ -70,6 +87,7 @@ class InferenceOptions:
     tile: int | None = None
     overlap: int = 128
     batch_size: int = 4
+    max_memory: float = 2.0
     vote_fraction: float = 0.5
     vote_iou: float = 0.5
     family_merge: str = "maps"
@@ -89,6 +107,10 @@ class InferenceOptions:
         tta.parse_scales(self.scales)
         if self.tile is not None:
             check_tile(self.tile, self.overlap)
+        if not self.max_memory > 0:
+            raise ValueError(f"max_memory must be positive (GB), got {self.max_memory}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if not 0 < self.vote_fraction <= 1:
             raise ValueError(f"vote_fraction must be in (0, 1], got {self.vote_fraction}")
         if not self.size_target > 0 or not self.size_tolerance >= 1:
@@ -100,6 +122,17 @@ class InferenceOptions:
     def views(self) -> list[tuple[float, tta.Transform]]:
         """Every (scale, D4 transform) view, scales outermost."""
         return [(s, t) for s in self.scales for t in tta.transforms(self.tta)]
+
+    def tiling(self, shape: tuple[int, int], bytes_per_pixel: float) -> tuple[int | None, int]:
+        """Tile side (None: whole) and tiles per pass for a network input of this (H, W).
+
+        Args:
+            shape: (H, W) of the input.
+            bytes_per_pixel: Memory the family's forward pass takes per input pixel.
+        """
+        if self.tile is not None:
+            return self.tile, self.batch_size
+        return auto_tile(shape, bytes_per_pixel, self.max_memory * 2**30, self.overlap), 1
 
 
 def with_options(base: InferenceOptions, given: dict) -> InferenceOptions:
@@ -148,6 +181,7 @@ def predict_probabilities(
     device: torch.device,
     amp: bool = False,
     options: InferenceOptions | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Sigmoid probabilities of the model for one image, averaged over test-time views.
 
@@ -157,6 +191,8 @@ def predict_probabilities(
         device: Where to run.
         amp: Use mixed precision.
         options: Views and tiling; None is one whole-image pass.
+        progress: Called with the number of tiles each forward pass covered
+            (see :func:`tile_count` for their total).
 
     Returns:
         float32 (C, H, W) in [0, 1].
@@ -173,12 +209,26 @@ def predict_probabilities(
     total = None
     for scale, transform in views:
         view = tta.apply(tta.resize_image(image, scale), transform)
-        maps = predict_dense_tiled(
-            probabilities, to_tensor(view), options.tile, options.overlap, options.batch_size
-        )
+        tile, batch_size = options.tiling(view.shape[:2], UNETPP_BYTES_PER_PIXEL)
+        maps = predict_dense_tiled(probabilities, view, tile, options.overlap, batch_size, progress)
         maps = tta.resize_maps(tta.invert_maps(maps, transform), image.shape[:2])
-        total = maps if total is None else total + maps
-    return total / len(views)
+        if total is None:
+            total = np.ascontiguousarray(maps)
+        else:
+            total += maps
+    total /= len(views)
+    return total
+
+
+def tile_count(shape: tuple[int, int], options: InferenceOptions | None = None) -> int:
+    """Forward passes :func:`predict_probabilities` makes for an image of this (H, W)."""
+    options = options or InferenceOptions()
+    count = 0
+    for scale, transform in options.views():
+        view = tta.view_shape(shape, scale, transform)
+        tile, _ = options.tiling(view, UNETPP_BYTES_PER_PIXEL)
+        count += count_tiles(padded_shape(view), tile, options.overlap)
+    return count
 
 
 @dataclass
@@ -224,3 +274,11 @@ def load_fold_models(
             f"{run_dir}: no fold with compact weights{among}; has a fold finished training?"
         )
     return loaded
+
+
+def first_fold_per_family(models: Sequence[FoldModel]) -> list[FoldModel]:
+    """The fast preset's models: of each family, the first fold model given."""
+    first: dict[str, FoldModel] = {}
+    for member in models:
+        first.setdefault(member.config.model, member)
+    return list(first.values())

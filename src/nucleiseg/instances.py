@@ -6,15 +6,21 @@ module turns them into a label image where every pixel belongs to at most one
 nucleus:
 
 1. drop instances below a score threshold;
-2. suppress duplicates: boxes first (cheap, ``torchvision.ops.batched_nms``),
-   then masks, an instance being dropped when its mask overlaps a
-   higher-scored kept one by more than an IoU threshold;
+2. suppress duplicates: boxes first (cheap), then masks, an instance being
+   dropped when its mask overlaps a higher-scored kept one by more than an
+   IoU threshold;
 3. paint the survivors from the highest score down, each taking only the pixels
    still free, and drop what is left of an instance below a minimum size.
 
 Masks are stored cropped to their boxes, so memory follows the nuclei, not
 (instances x image size). Ties in score are broken by box and area, so the
-result does not depend on the order the instances come in.
+result does not depend on the order the instances come in. Instances are only
+ever compared with those whose boxes touch theirs, found by a sweep
+(:func:`touching_pairs`), and the comparisons run in numba kernels over the
+masks laid end to end, so suppression and merging take time in proportion to
+the instances and their neighbours, not to their square: tens of thousands of
+instances, the detections of a large image over several views and folds, are
+merged in seconds.
 """
 
 from __future__ import annotations
@@ -23,8 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torchvision.ops import batched_nms
+from numba import njit
 
 
 @dataclass(frozen=True, eq=False)
@@ -173,20 +178,59 @@ class SoftInstances(_BoxedMasks):
 
 def mask_iou(a: Instances, i: int, b: Instances, j: int) -> float:
     """IoU of mask ``i`` of ``a`` and mask ``j`` of ``b`` (same image), from their crops."""
-    ay0, ax0, ay1, ax1 = a.boxes[i]
-    by0, bx0, by1, bx1 = b.boxes[j]
-    y0, x0, y1, x1 = max(ay0, by0), max(ax0, bx0), min(ay1, by1), min(ax1, bx1)
-    area_a, area_b = int(a.masks[i].sum()), int(b.masks[j].sum())
-    if y0 >= y1 or x0 >= x1:
-        return 0.0
-    inter = int(
-        np.count_nonzero(
-            a.masks[i][y0 - ay0 : y1 - ay0, x0 - ax0 : x1 - ax0]
-            & b.masks[j][y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+    packed = _PackedMasks.of(Instances.concatenate([a.subset([i]), b.subset([j])]))
+    return float(_mask_iou(packed.flat, packed.offsets, packed.boxes, packed.areas, 0, 1))
+
+
+def touching_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which boxes share a pixel with which, as a sparse adjacency (each box touches itself).
+
+    A sweep over the boxes sorted by their top edge compares each box only with
+    those starting above its bottom edge, so the time follows the number of
+    boxes and of touching pairs, not their square.
+
+    Args:
+        boxes: int (N, 4) as (y0, x0, y1, x1), end-exclusive.
+
+    Returns:
+        ``indptr`` (N + 1,) and ``indices``: box ``i`` touches boxes
+        ``indices[indptr[i]:indptr[i + 1]]``, in ascending order.
+    """
+    boxes = np.ascontiguousarray(boxes, np.int64).reshape(-1, 4)
+    if np.any(boxes[:, 2:] <= boxes[:, :2]):
+        raise ValueError("boxes must be non-empty (y0 < y1 and x0 < x1)")
+    first, second = _touching_pairs(boxes, np.argsort(boxes[:, 0], kind="stable"))
+    itself = np.arange(len(boxes), dtype=np.int64)
+    rows = np.concatenate([itself, first, second])
+    columns = np.concatenate([itself, second, first])
+    order = np.lexsort((columns, rows))
+    indptr = np.zeros(len(boxes) + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=len(boxes)), out=indptr[1:])
+    return indptr, columns[order]
+
+
+@dataclass(frozen=True, eq=False)
+class _PackedMasks:
+    """Boolean box crops laid end to end, for the kernels: mask ``i`` is
+    ``flat[offsets[i]:offsets[i + 1]]``, row by row over its box."""
+
+    flat: np.ndarray
+    offsets: np.ndarray
+    boxes: np.ndarray
+    areas: np.ndarray
+
+    @classmethod
+    def of(cls, instances: Instances) -> _PackedMasks:
+        sizes = [m.size for m in instances.masks]
+        offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+        flat = (
+            np.concatenate([m.ravel() for m in instances.masks])
+            if instances.masks
+            else np.zeros(0, bool)
         )
-    )
-    union = area_a + area_b - inter
-    return inter / union if union else 0.0
+        areas = np.array([np.count_nonzero(m) for m in instances.masks], np.int64)
+        boxes = np.ascontiguousarray(instances.boxes, np.int64).reshape(-1, 4)
+        return cls(flat.astype(bool, copy=False), offsets, boxes, areas)
 
 
 def suppress_duplicates(
@@ -209,24 +253,26 @@ def suppress_duplicates(
 def nms_indices(
     instances: Instances, box_iou_threshold: float = 0.7, mask_iou_threshold: float = 0.5
 ) -> np.ndarray:
-    """Indices of the instances :func:`suppress_duplicates` keeps, from the highest score down."""
+    """Indices of the instances :func:`suppress_duplicates` keeps, from the highest score down.
+
+    In the canonical order, a box is dropped when its IoU with a kept box
+    exceeds ``box_iou_threshold`` (as ``torchvision.ops.nms`` does); then,
+    among the boxes left, an instance is dropped when its mask IoU with a
+    kept one exceeds ``mask_iou_threshold``. Only touching boxes are compared.
+    """
+    if not box_iou_threshold >= 0 or not mask_iou_threshold >= 0:
+        raise ValueError(
+            f"IoU thresholds must be non-negative, got {box_iou_threshold} and {mask_iou_threshold}"
+        )
     if len(instances) == 0:
         return np.zeros(0, np.int64)
     order = instances.canonical_order()
-    ranked = instances.subset(order)
-    # batched_nms breaks score ties by position; giving it ranks as scores keeps
-    # the canonical order.
-    rank_scores = torch.arange(len(ranked), 0, -1, dtype=torch.float64)
-    boxes_xyxy = torch.from_numpy(ranked.boxes[:, [1, 0, 3, 2]].astype(np.float64))
-    one_class = torch.zeros(len(ranked), dtype=torch.int64)
-    keep = np.sort(batched_nms(boxes_xyxy, rank_scores, one_class, box_iou_threshold).numpy())
-    ranked = ranked.subset(keep)
-    touching = _boxes_touch(ranked.boxes)
-    kept = np.zeros(len(ranked), bool)
-    for i in range(len(ranked)):
-        rivals = np.flatnonzero(kept & touching[i])
-        kept[i] = all(mask_iou(ranked, i, ranked, k) <= mask_iou_threshold for k in rivals)
-    return order[keep[kept]]
+    packed = _PackedMasks.of(instances.subset(order))
+    indptr, indices = touching_pairs(packed.boxes)
+    kept = _nms(
+        indptr, indices, *_kernel_masks(packed), float(box_iou_threshold), float(mask_iou_threshold)
+    )
+    return order[kept]
 
 
 def found_in(a: Instances, b: Instances, iou_threshold: float = 0.5) -> np.ndarray:
@@ -242,14 +288,9 @@ def found_in(a: Instances, b: Instances, iou_threshold: float = 0.5) -> np.ndarr
     """
     if len(a) == 0 or len(b) == 0:
         return np.zeros(len(a), bool)
-    touching = _boxes_touch(np.concatenate([a.boxes, b.boxes]))[: len(a), len(a) :]
-    return np.array(
-        [
-            any(mask_iou(a, i, b, j) > iou_threshold for j in np.flatnonzero(touching[i]))
-            for i in range(len(a))
-        ],
-        bool,
-    )
+    packed = _PackedMasks.of(Instances.concatenate([a, b]))
+    indptr, indices = touching_pairs(packed.boxes)
+    return _found_in(indptr, indices, len(a), *_kernel_masks(packed), float(iou_threshold))
 
 
 def merge_views(
@@ -288,23 +329,22 @@ def merge_views(
     binary, index = pooled.binarize_indexed(mask_threshold)
     if len(binary) == 0:
         return SoftInstances.empty(pooled.shape)
-    view_of = view_of[index]
-    touching = _boxes_touch(binary.boxes)
-    used = np.zeros(len(binary), bool)
-    groups = []
-    for i in binary.canonical_order():
-        if used[i]:
-            continue
-        used[i] = True
-        best: dict[int, tuple[float, int]] = {}
-        for j in np.flatnonzero(touching[i] & ~used & (view_of != view_of[i])):
-            iou = mask_iou(binary, i, binary, j)
-            if iou > iou_threshold and iou > best.get(view_of[j], (0.0, -1))[0]:
-                best[view_of[j]] = (iou, j)
-        members = [i, *(j for _, j in best.values())]
-        used[members] = True
-        if len(members) >= min_votes:
-            groups.append([index[m] for m in members])
+    packed = _PackedMasks.of(binary)
+    indptr, indices = touching_pairs(packed.boxes)
+    starts, members = _vote_groups(
+        binary.canonical_order(),
+        indptr,
+        indices,
+        view_of[index],
+        len(views),
+        *_kernel_masks(packed),
+        float(iou_threshold),
+    )
+    groups = [
+        index[members[start:stop]].tolist()
+        for start, stop in zip(starts[:-1], starts[1:], strict=True)
+        if stop - start >= min_votes
+    ]
     return _average_groups(pooled, groups, len(views))
 
 
@@ -328,12 +368,135 @@ def _average_groups(pooled: SoftInstances, groups: list[list[int]], n_views: int
     )
 
 
-def _boxes_touch(boxes: np.ndarray) -> np.ndarray:
-    """(N, N) boolean: do boxes i and j share any pixel."""
-    y0, x0, y1, x1 = (boxes[:, k] for k in range(4))
-    return (np.maximum(y0[:, None], y0[None]) < np.minimum(y1[:, None], y1[None])) & (
-        np.maximum(x0[:, None], x0[None]) < np.minimum(x1[:, None], x1[None])
-    )
+def _kernel_masks(packed: _PackedMasks) -> tuple[np.ndarray, ...]:
+    return packed.flat, packed.offsets, packed.boxes, packed.areas
+
+
+@njit(cache=True)
+def _touching_pairs(boxes, order):
+    # ``order`` sorts the boxes by top edge: once a box starts at or below the
+    # bottom edge of box ``a``, no later one can touch it.
+    pairs = []
+    for p in range(len(order)):
+        a = order[p]
+        for q in range(p + 1, len(order)):
+            b = order[q]
+            if boxes[b, 0] >= boxes[a, 2]:
+                break
+            if max(boxes[a, 1], boxes[b, 1]) < min(boxes[a, 3], boxes[b, 3]):
+                pairs.append((a, b))
+    first = np.empty(len(pairs), np.int64)
+    second = np.empty(len(pairs), np.int64)
+    for k, (a, b) in enumerate(pairs):
+        first[k], second[k] = a, b
+    return first, second
+
+
+@njit(cache=True)
+def _mask_iou(flat, offsets, boxes, areas, i, j):
+    y0, x0 = max(boxes[i, 0], boxes[j, 0]), max(boxes[i, 1], boxes[j, 1])
+    y1, x1 = min(boxes[i, 2], boxes[j, 2]), min(boxes[i, 3], boxes[j, 3])
+    if y0 >= y1 or x0 >= x1:
+        return 0.0
+    width_i, width_j = boxes[i, 3] - boxes[i, 1], boxes[j, 3] - boxes[j, 1]
+    inter = 0
+    for y in range(y0, y1):
+        row_i = offsets[i] + (y - boxes[i, 0]) * width_i - boxes[i, 1]
+        row_j = offsets[j] + (y - boxes[j, 0]) * width_j - boxes[j, 1]
+        for x in range(x0, x1):
+            if flat[row_i + x] and flat[row_j + x]:
+                inter += 1
+    union = areas[i] + areas[j] - inter
+    return inter / union if union else 0.0
+
+
+@njit(cache=True)
+def _box_iou(boxes, i, j):
+    # As torchvision.ops.nms computes it, in float64.
+    area_i = float(boxes[i, 3] - boxes[i, 1]) * float(boxes[i, 2] - boxes[i, 0])
+    area_j = float(boxes[j, 3] - boxes[j, 1]) * float(boxes[j, 2] - boxes[j, 0])
+    width = max(0.0, float(min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1])))
+    height = max(0.0, float(min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0])))
+    inter = width * height
+    return inter / (area_i + area_j - inter)
+
+
+@njit(cache=True)
+def _nms(indptr, indices, flat, offsets, boxes, areas, box_threshold, mask_threshold):
+    # Instances come ranked, the best first; a rival is an earlier kept one.
+    n = len(boxes)
+    box_kept = np.zeros(n, np.bool_)
+    for i in range(n):
+        box_kept[i] = True
+        for p in range(indptr[i], indptr[i + 1]):
+            k = indices[p]
+            if k < i and box_kept[k] and _box_iou(boxes, i, k) > box_threshold:
+                box_kept[i] = False
+                break
+    kept = np.zeros(n, np.bool_)
+    for i in range(n):
+        if not box_kept[i]:
+            continue
+        kept[i] = True
+        for p in range(indptr[i], indptr[i + 1]):
+            k = indices[p]
+            if k < i and kept[k] and _mask_iou(flat, offsets, boxes, areas, i, k) > mask_threshold:
+                kept[i] = False
+                break
+    return np.flatnonzero(kept)
+
+
+@njit(cache=True)
+def _found_in(indptr, indices, n_a, flat, offsets, boxes, areas, threshold):
+    found = np.zeros(n_a, np.bool_)
+    for i in range(n_a):
+        for p in range(indptr[i], indptr[i + 1]):
+            j = indices[p]
+            if j >= n_a and _mask_iou(flat, offsets, boxes, areas, i, j) > threshold:
+                found[i] = True
+                break
+    return found
+
+
+@njit(cache=True)
+def _vote_groups(order, indptr, indices, view_of, n_views, flat, offsets, boxes, areas, threshold):
+    # Groups as runs of ``members`` between consecutive ``starts``: the seed first,
+    # then each view's best match, views in the order their first match was met.
+    n = len(order)
+    used = np.zeros(n, np.bool_)
+    members = np.empty(n, np.int64)
+    starts = np.zeros(n + 1, np.int64)
+    best_iou = np.zeros(n_views)
+    best = np.full(n_views, -1, np.int64)
+    met = np.empty(n_views, np.int64)
+    n_members = n_groups = 0
+    for i in order:
+        if used[i]:
+            continue
+        used[i] = True
+        n_met = 0
+        for p in range(indptr[i], indptr[i + 1]):
+            j = indices[p]
+            view = view_of[j]
+            if used[j] or view == view_of[i]:
+                continue
+            iou = _mask_iou(flat, offsets, boxes, areas, i, j)
+            if iou > threshold and iou > best_iou[view]:
+                if best[view] < 0:
+                    met[n_met] = view
+                    n_met += 1
+                best_iou[view], best[view] = iou, j
+        members[n_members] = i
+        n_members += 1
+        for m in range(n_met):
+            view = met[m]
+            members[n_members] = best[view]
+            n_members += 1
+            used[best[view]] = True
+            best_iou[view], best[view] = 0.0, -1
+        n_groups += 1
+        starts[n_groups] = n_members
+    return starts[: n_groups + 1], members[:n_members]
 
 
 def resolve_overlaps(

@@ -13,7 +13,9 @@ into their boxes only (memory follows the nuclei, not nuclei x image size).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -27,6 +29,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -146,6 +149,74 @@ class _Float32MaskPredictor(MaskRCNNPredictor):
         return super().forward(x).float()
 
 
+class NucleusMaskRCNN(MaskRCNN):
+    """torchvision's Mask R-CNN, with an inference entry point for the tiles of a large image.
+
+    :meth:`detect` runs torchvision's own stages (``GeneralizedRCNN.forward``
+    and ``RoIHeads.forward`` in eval mode), in the same order, so that with its
+    defaults the output is the model's; it can scale the proposal and
+    detection counts to a tile's area and run the mask head, the costliest
+    stage for dense nuclei, only on the detections a tile answers for.
+    """
+
+    @torch.no_grad()
+    def detect(
+        self,
+        images: list[torch.Tensor],
+        keep: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        count_scale: float = 1.0,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Detections of a batch in eval mode, the mask head run only on the boxes kept.
+
+        Args:
+            images: Network inputs (3, h, w) on the model's device.
+            keep: One function per image: given its detected boxes (x0, y0,
+                x1, y1, on the CPU), which of them to keep and mask; None keeps all.
+            count_scale: Factor on the test-time proposal counts (before and
+                after the RPN's NMS) and on the detections per image.
+
+        Returns:
+            Per image ``boxes``, ``scores`` and ``masks`` (N, 1, M, M) of the kept
+            detections, as the model's own output.
+        """
+        with self._counts(count_scale):
+            batch, _ = self.transform(images)
+            features = self.backbone(batch.tensors)
+            proposals, _ = self.rpn(batch, features)
+            heads, sizes = self.roi_heads, batch.image_sizes
+            box_features = heads.box_head(heads.box_roi_pool(features, proposals, sizes))
+            class_logits, box_regression = heads.box_predictor(box_features)
+            boxes, scores, labels = heads.postprocess_detections(
+                class_logits, box_regression, proposals, sizes
+            )
+        if keep is not None:
+            kept = [k(b.cpu()).to(b.device) for k, b in zip(keep, boxes, strict=True)]
+            boxes = [b[k] for b, k in zip(boxes, kept, strict=True)]
+            scores = [s[k] for s, k in zip(scores, kept, strict=True)]
+            labels = [c[k] for c, k in zip(labels, kept, strict=True)]
+        mask_features = heads.mask_head(heads.mask_roi_pool(features, boxes, sizes))
+        masks = maskrcnn_inference(heads.mask_predictor(mask_features), labels)
+        return [
+            {"boxes": b, "scores": s, "masks": m}
+            for b, s, m in zip(boxes, scores, masks, strict=True)
+        ]
+
+    @contextlib.contextmanager
+    def _counts(self, scale: float) -> Iterator[None]:
+        """The test-time proposal and detection counts times ``scale``, in the block."""
+        rpn, heads = self.rpn, self.roi_heads
+        pre, post, detections = rpn._pre_nms_top_n, rpn._post_nms_top_n, heads.detections_per_img
+        if scale != 1.0:
+            rpn._pre_nms_top_n = {**pre, "testing": math.ceil(pre["testing"] * scale)}
+            rpn._post_nms_top_n = {**post, "testing": math.ceil(post["testing"] * scale)}
+            heads.detections_per_img = math.ceil(detections * scale)
+        try:
+            yield
+        finally:
+            rpn._pre_nms_top_n, rpn._post_nms_top_n = pre, post
+            heads.detections_per_img = detections
+
+
 def _resnet_fpn(name: str, channels: int) -> BackboneWithFPN:
     """A ResNet with batch norm (trainable from scratch, unlike torchvision's frozen
     statistics for pretrained backbones) and an FPN over its four stages plus a pooled level."""
@@ -163,7 +234,7 @@ def _resnet_fpn(name: str, channels: int) -> BackboneWithFPN:
     )
 
 
-def build_maskrcnn(backbone: str, params: MaskRCNNParams) -> MaskRCNN:
+def build_maskrcnn(backbone: str, params: MaskRCNNParams) -> NucleusMaskRCNN:
     """A two-class (background, nucleus) Mask R-CNN with a ResNet-FPN backbone.
 
     Args:
@@ -174,7 +245,8 @@ def build_maskrcnn(backbone: str, params: MaskRCNNParams) -> MaskRCNN:
         The model. In training mode it takes a list of (3, H, W) tensors and
         targets (see :func:`detection_targets`) and returns a dict of losses;
         in eval mode it returns per image ``boxes`` (x0, y0, x1, y1 in input
-        pixels), ``scores`` and ``masks`` (N, 1, 28, 28) probabilities in the boxes.
+        pixels), ``scores`` and ``masks`` (N, 1, 28, 28) probabilities in the boxes;
+        :meth:`NucleusMaskRCNN.detect` does the same for the tiles of a large image.
     """
     if len(params.anchor_sizes) != FPN_LEVELS:
         raise ValueError(f"anchor_sizes needs one size per FPN level ({FPN_LEVELS})")
@@ -185,7 +257,7 @@ def build_maskrcnn(backbone: str, params: MaskRCNNParams) -> MaskRCNN:
     )
     box_head = TwoMLPHead(params.fpn_channels * 7 * 7, params.box_head_dim)
     width = params.mask_head_channels
-    model = MaskRCNN(
+    model = NucleusMaskRCNN(
         fpn,
         num_classes=None,
         rpn_anchor_generator=anchors,

@@ -13,6 +13,10 @@ from nucleiseg import tta
 
 FAMILY_MERGES = ("nms", "vote", "agree", "fill", "maps")
 
+# The views of the fast preset (with one fold model per family, see
+# nucleiseg.inference.first_fold_per_family): a single pass per model.
+FAST_VIEWS = {"tta": "none", "scales": [1.0]}
+
 
 def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     """Command-line flags for the fields of :class:`InferenceOptions`, all defaulting to unset."""
@@ -22,6 +26,11 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tile", type=int, help="tile side in pixels (multiple of 32)")
     group.add_argument("--overlap", type=int, help="pixels shared by tiles")
     group.add_argument("--batch-size", type=int, help="tiles per forward pass")
+    group.add_argument(
+        "--max-memory",
+        type=float,
+        help="GB one forward pass may take; larger images are tiled automatically (default 2)",
+    )
     group.add_argument("--vote-fraction", type=float, help="Mask R-CNN views/folds that must agree")
     group.add_argument("--merge", choices=FAMILY_MERGES, help="family merge")
     group.add_argument(
@@ -44,6 +53,7 @@ def given_options(args: argparse.Namespace) -> dict:
         "tile": args.tile,
         "overlap": args.overlap,
         "batch_size": args.batch_size,
+        "max_memory": args.max_memory,
         "vote_fraction": args.vote_fraction,
         "family_merge": args.merge,
         "map_weight": args.map_weight,

@@ -110,6 +110,14 @@ def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
 
 
+def view_shape(shape: tuple[int, int], scale: float, transform: Transform) -> tuple[int, int]:
+    """(H, W) of the view of an image of this (H, W): resized by ``scale``, then transformed."""
+    height, width = shape
+    if scale != 1.0:
+        height, width = max(1, round(height * scale)), max(1, round(width * scale))
+    return (width, height) if transform[0] % 2 else (height, width)
+
+
 def resize_maps(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """(C, h, w) maps resized (bilinear) to (C, *shape)."""
     if maps.shape[1:] == tuple(shape):
