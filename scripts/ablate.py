@@ -19,6 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from nucleiseg import cli
 from nucleiseg.ablation import leaderboard_markdown, load_ablation, run_ablation
 from nucleiseg.atomic import atomic_path
 from nucleiseg.inference import resolve_device
@@ -32,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, required=True, help="ablation YAML file")
     parser.add_argument("--out-dir", type=Path, default=Path("ablations/results"))
     parser.add_argument("--workers", type=int, default=2, help="processes for the instance step")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cli.add_device_argument(parser)
     return parser
 
 

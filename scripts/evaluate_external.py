@@ -50,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="name of the data in the last line (default: folder)")
     parser.add_argument("--save-labels", type=Path, help="also write the label PNGs here")
     parser.add_argument("--per-image", type=Path, help="write per-image scores to this CSV")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cli.add_device_argument(parser)
     add_option_arguments(parser)
     return parser
 

@@ -68,7 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", type=Path, help="run folder (default: runs/finetune_<name>)")
     parser.add_argument("--bundle", type=Path, help="bundle to write (default: <out-dir>/bundle)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cli.add_device_argument(parser)
     return parser
 
 

@@ -34,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="learning-curve YAML file")
     parser.add_argument("--out-dir", type=Path, default=Path("ablations/results"))
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cli.add_device_argument(parser)
     return parser
 
 

@@ -65,7 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--save-outlines", type=Path, help="also write GeoJSON outlines (QuPath) here"
     )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cli.add_device_argument(parser)
     parser.add_argument("--oof", action="store_true", help="predict the runs' OOF images")
     parser.add_argument("--out-dir", type=Path, help="with --oof: run folder to write")
     parser.add_argument("--data-dir", type=Path, help="with --oof: dataset (default: the runs')")

@@ -34,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("submissions/sample_reference.csv"))
     parser.add_argument("--overlays", type=Path, default=Path("predictions/sample_overlays"))
     parser.add_argument("--oof-dir", type=Path, default=Path("predictions/sample_oof"))
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cli.add_device_argument(parser)
     return parser
 
 

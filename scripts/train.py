@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--encoder", help="smp encoder name, e.g. tu-efficientnet_b0, resnet34")
     parser.add_argument("--encoder-weights", help="pretrained encoder weights, e.g. imagenet")
     parser.add_argument("--init-from", help="local checkpoint to start the model from")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cli.add_device_argument(parser)
     parser.add_argument("--resume", action="store_true", help="continue from last.ckpt")
     return parser
 

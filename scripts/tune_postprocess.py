@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from nucleiseg import data, oof
+from nucleiseg import cli, data, oof
 from nucleiseg.ablation import run_raws
 from nucleiseg.atomic import atomic_path
 from nucleiseg.config import load_config
@@ -51,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--folds", type=int, nargs="+", help="tune on these folds' OOF outputs only (default: all)"
     )
     parser.add_argument("--apply", action="store_true", help="rewrite the OOF label images")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cli.add_device_argument(parser)
     return parser
 
 

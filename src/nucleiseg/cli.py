@@ -26,6 +26,17 @@ DEFAULT_FOLDS_PATH = Path("folds/folds.csv")
 # their code (a test keeps the two in step).
 MODEL_FAMILIES = ("unetpp", "maskrcnn")
 
+# Where a script runs, for ``--device``: ``auto`` takes a CUDA GPU when there is one
+# (nucleiseg.inference.resolve_device reads the name).
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def add_device_argument(parser) -> None:
+    """The ``--device`` option every script that runs a model takes."""
+    parser.add_argument(
+        "--device", default="auto", choices=DEVICES, help="auto: a CUDA GPU when there is one"
+    )
+
 
 class Refused(SystemExit):
     """A command stopped before (or while) doing its work, for the reasons in ``problems``.

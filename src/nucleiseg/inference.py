@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from nucleiseg import tta
+from nucleiseg.cli import DEVICES
 from nucleiseg.config import TrainConfig, load_config
 from nucleiseg.dataset import to_tensor
 from nucleiseg.models import build_model, load_weights
@@ -148,8 +149,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
     return torch.device(name)
 
 
