@@ -44,13 +44,19 @@ def write_labelled(root: Path, labels_by_image: dict[str, np.ndarray]) -> None:
         write_item(root, image_id, np.dstack([grey] * 3), masks)
 
 
-def disc_sample(image_id: str, seed: int, size: int = 64) -> Sample:
-    """A labelled image of four bright discs of radius 4-7 px on a dark ground."""
+def disc_labels(seed: int, size: int = 64, count: int = 4) -> np.ndarray:
+    """A label image of ``count`` discs of radius 4-7 px at seeded places (later ones on top)."""
     rng = np.random.default_rng(seed)
     labels = np.zeros((size, size), np.int32)
-    for label in range(1, 5):
+    for label in range(1, count + 1):
         center = rng.integers(8, size - 8, 2)
         labels[disk(tuple(center), rng.integers(4, 8), shape=labels.shape)] = label
+    return labels
+
+
+def disc_sample(image_id: str, seed: int, size: int = 64) -> Sample:
+    """A labelled image of four bright discs of radius 4-7 px on a dark ground."""
+    labels = disc_labels(seed, size)
     image = np.full((size, size, 3), 10, np.uint8)
     image[labels > 0] = 200
     return Sample(image_id, image, labels)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from helpers import run_script, tiny_config
+from helpers import disc_labels, run_script, tiny_config
 from skimage.draw import disk
 
 from nucleiseg import learning_curve, oof, reference, runs
@@ -33,15 +33,6 @@ TINY = {
 }
 
 
-def _discs(seed: int, size: int = 64, count: int = 5) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    labels = np.zeros((size, size), np.int32)
-    for value in range(1, count + 1):
-        center = tuple(rng.integers(8, size - 8, 2))
-        labels[disk(center, int(rng.integers(4, 8)), shape=labels.shape)] = value
-    return labels
-
-
 def _write(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(path), array)
@@ -51,7 +42,7 @@ def _write(path: Path, array: np.ndarray) -> Path:
 def _folder(root: Path, count: int, size: int = 64, seed: int = 0) -> Path:
     """``images/`` + ``labels/`` of bright discs on a dark ground, 16-bit label PNGs."""
     for i in range(count):
-        labels = _discs(seed + i, size)
+        labels = disc_labels(seed + i, size, count=5)
         grey = np.where(labels > 0, 200, 20).astype(np.uint8)
         _write(root / "images" / f"im{seed + i}.png", np.dstack([grey] * 3))
         _write(root / "labels" / f"im{seed + i}.png", labels.astype(np.uint16))
