@@ -2,6 +2,7 @@
 
     python scripts/learning_curve.py --config ablations/learning_curve.yaml
     python scripts/learning_curve.py --config ablations/learning_curve.yaml --out-dir /tmp/curve
+    python scripts/learning_curve.py --config ablations/learning_curve.yaml --tables-only
 
 Reads the curve of ``--config`` (see ``nucleiseg.learning_curve.load_curve``):
 for every size, seed and arm (fine-tuned, from scratch) it fine-tunes a point
@@ -12,7 +13,8 @@ interrupted curve continues where it stopped, and an interrupted point resumes
 from its last checkpoints. After every point it writes
 ``<out-dir>/<name>.csv`` (one row per point), ``<name>.md`` (mean AP per
 number of images and arm, then every point) and ``<name>.png`` (mean AP
-against the number of training images, both curves). The folders, the sizes
+against the number of training images, both curves); ``--tables-only`` writes
+those three from the finished points and trains nothing. The folders, the sizes
 and the start model are checked before any model loads (one ``error:`` line
 each, exit status 2).
 """
@@ -34,6 +36,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="learning-curve YAML file")
     parser.add_argument("--out-dir", type=Path, default=Path("ablations/results"))
+    parser.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="rewrite the CSV, Markdown and plot from the finished points; train nothing",
+    )
     cli.add_device_argument(parser)
     return parser
 
@@ -41,7 +48,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace):
     from nucleiseg.atomic import WriteError
     from nucleiseg.inference import resolve_device
-    from nucleiseg.learning_curve import curve_problems, load_curve, run_curve, summary_table
+    from nucleiseg.learning_curve import (
+        curve_problems,
+        finished_points,
+        load_curve,
+        run_curve,
+        summary_table,
+        write_results,
+    )
     from nucleiseg.precision import describe_machine
 
     with cli.refusing(data.DataError, ValueError, RuntimeError):
@@ -53,7 +67,11 @@ def main(args: argparse.Namespace):
         cli.refusing(data.DataError, ValueError),
         cli.refusing(WriteError, status=cli.FAILURE_STATUS),
     ):
-        points = run_curve(curve, device, args.out_dir, command, describe_machine(device))
+        if args.tables_only:
+            write_results(curve, args.out_dir, command, describe_machine(device))
+            points = finished_points(curve)
+        else:
+            points = run_curve(curve, device, args.out_dir, command, describe_machine(device))
     print(summary_table(points).to_string(float_format="%.4f"))
     print(f"wrote {args.out_dir / curve.name}.csv, .md and .png")
     return points

@@ -263,7 +263,7 @@ def test_outlines_trace_every_nucleus_and_its_pieces():
 def test_learning_curve_writes_its_tables_and_plot_and_skips_finished_points(
     start_run, tmp_path, monkeypatch
 ):
-    train = _folder(tmp_path / "train", 3)
+    train = _folder(tmp_path / "train", 4)  # one more than the sizes run: see --tables-only
     test = _folder(tmp_path / "test", 2, seed=100)
     tiny = {
         "every_fold_below": 3,
@@ -310,3 +310,11 @@ def test_learning_curve_writes_its_tables_and_plot_and_skips_finished_points(
     monkeypatch.setattr(learning_curve, "run_finetune", no_training)
     run_script("learning_curve", argv)
     pd.testing.assert_frame_equal(pd.read_csv(results / "tiny_curve.csv"), points)
+
+    # --tables-only rewrites the tables from the finished points, a size not run included.
+    config.write_text(yaml.safe_dump({**curve, "sizes": [2, 3, 4]}))
+    tables = tmp_path / "tables"
+    run_script("learning_curve", [*argv[:2], "--out-dir", tables, "--tables-only"])
+    pd.testing.assert_frame_equal(pd.read_csv(tables / "tiny_curve.csv"), points)
+    assert "| 4 | not run yet | not run yet |  |" in (tables / "tiny_curve.md").read_text()
+    assert not learning_curve.load_curve(config).point_dir(learning_curve.SCRATCH, 4, 0).exists()
