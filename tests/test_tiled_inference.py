@@ -1,6 +1,6 @@
 """Tiled inference at any image size: tile layouts, automatic tiles under a memory budget,
 progress inside an image, instance merging without a quadratic step, and tiled against
-whole-image nuclei of the bundled models."""
+whole-image nuclei of the reference models."""
 
 import dataclasses
 import math
@@ -249,20 +249,25 @@ def test_the_tile_entry_point_of_mask_rcnn_gives_the_models_own_detections():
     assert model.roi_heads.detections_per_img == TINY_MASKRCNN["box_detections_per_img"]
 
 
-BUNDLED_TILES = [("unetpp_effb0", 256, 128), ("maskrcnn_r18", 512, 256)]
+# Fold 0 of each family's reference run: the shipped U-Net++ (int8) and the DSB-only
+# Mask R-CNN (float16). The stated tolerance is the mean AP of the tiled nuclei scored
+# against the whole-image ones; at IoU 0.5 (the same nuclei found) both stay within 3%.
+REFERENCE_TILES = [
+    ("unetpp_effb0_generalized", 256, 128, 0.90),
+    ("maskrcnn_r18", 512, 256, 0.95),
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run,tile,overlap", BUNDLED_TILES)
-def test_tiled_and_whole_images_give_the_same_nuclei_with_a_bundled_fold(
-    repo_root, run, tile, overlap
+@pytest.mark.parametrize("run,tile,overlap,tolerance", REFERENCE_TILES)
+def test_tiled_and_whole_images_give_the_same_nuclei_with_a_reference_fold(
+    repo_root, run, tile, overlap, tolerance
 ):
-    # Mean AP (IoU 0.5 to 0.95) of the tiled nuclei scored against the whole-image ones,
-    # in float32 so that the processor's bfloat16 rounding does not enter. Not 1: U-Net++
-    # pools each squeeze-and-excitation block over its whole input (tile or image), and
-    # Mask R-CNN's scores near its 0.9 threshold move with the context a tile cuts; for
-    # U-Net++ tiles change the nuclei less than a grey band beside the image does.
-    run_dir = repo_root / "weights" / run
+    # In float32, so that the processor's bfloat16 rounding does not enter. Not 1: U-Net++
+    # pools each squeeze-and-excitation block over its whole input (tile or image), which
+    # moves outlines at the high IoU thresholds (benchmarks/tile_context.py), and Mask
+    # R-CNN's scores near its 0.9 threshold move with the context a tile cuts.
+    run_dir = repo_root / "runs" / run
     models = [
         dataclasses.replace(m, config=dataclasses.replace(m.config, amp=False))
         for m in load_fold_models(run_dir, CPU, [0])
@@ -273,4 +278,6 @@ def test_tiled_and_whole_images_give_the_same_nuclei_with_a_bundled_fold(
     whole = segment_image(models, image, params, CPU)
     tiled = segment_image(models, image, params, CPU, InferenceOptions(tile=tile, overlap=overlap))
     assert len(np.unique(whole)) > 40  # of its 151 nuclei
-    assert average_precision(whole, tiled).score >= 0.95
+    agreement = average_precision(whole, tiled)
+    assert agreement.score >= tolerance
+    assert agreement.tp[0] >= 0.97 * agreement.n_true  # IoU 0.5
