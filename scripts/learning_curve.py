@@ -50,7 +50,6 @@ def main(args: argparse.Namespace):
     from nucleiseg.inference import resolve_device
     from nucleiseg.learning_curve import (
         curve_problems,
-        finished_points,
         load_curve,
         run_curve,
         summary_table,
@@ -67,11 +66,11 @@ def main(args: argparse.Namespace):
         cli.refusing(data.DataError, ValueError),
         cli.refusing(WriteError, status=cli.FAILURE_STATUS),
     ):
+        machine = describe_machine(device)
         if args.tables_only:
-            write_results(curve, args.out_dir, command, describe_machine(device))
-            points = finished_points(curve)
+            points = write_results(curve, args.out_dir, command, machine)
         else:
-            points = run_curve(curve, device, args.out_dir, command, describe_machine(device))
+            points = run_curve(curve, device, args.out_dir, command, machine)
     print(summary_table(points).to_string(float_format="%.4f"))
     print(f"wrote {args.out_dir / curve.name}.csv, .md and .png")
     return points

@@ -471,9 +471,16 @@ def plot_curve(curve: Curve, points: pd.DataFrame, path: Path) -> None:
         figure.savefig(tmp, dpi=110)
 
 
-def write_results(curve: Curve, out_dir: Path, command: str = "", machine: str = "") -> None:
-    """``<name>.csv``, ``<name>.md`` and ``<name>.png`` from every finished point."""
+def write_results(
+    curve: Curve, out_dir: Path, command: str = "", machine: str = ""
+) -> pd.DataFrame:
+    """``<name>.csv``, ``<name>.md`` and ``<name>.png`` from every finished point.
+
+    Returns:
+        The finished points written (see :func:`finished_points`).
+    """
     points = finished_points(curve)
     write_text(out_dir / f"{curve.name}.csv", points.to_csv(index=False, float_format="%.6g"))
     write_text(out_dir / f"{curve.name}.md", leaderboard_markdown(curve, points, command, machine))
     plot_curve(curve, points, out_dir / f"{curve.name}.png")
+    return points
