@@ -6,8 +6,8 @@
 
 A test image (default: a 1000 x 1000 MoNuSeg H&E tile) is mirrored into
 square images of 0.25, 1, 4 and 16 megapixels, and each is segmented by
-``bundle`` (the reference ensemble of ``weights/`` with its manifest's options:
-9 fold models, flip views, maps merge) and by ``fast`` (``predict.py --fast``:
+``bundle`` (the reference ensemble of ``weights/`` with its manifest's options,
+e.g. five U-Net++ fold models and flip views) and by ``fast`` (``predict.py --fast``:
 one fold model per family, no test-time views), in three modes: ``whole`` (one
 pass per view, whatever the memory), ``tiled`` (``--tile``, default 512, with
 the default overlap) and ``default`` (the command as it ships: whole unless a

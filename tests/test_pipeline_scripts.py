@@ -1,6 +1,7 @@
 """The training, evaluation, tuning and prediction scripts, end to end on a tiny dataset."""
 
 import dataclasses
+import os
 import shutil
 
 import cv2
@@ -11,8 +12,9 @@ import yaml
 from helpers import TINY_MASKRCNN, run_script, write_labelled
 from skimage.draw import disk
 
-from nucleiseg import data, oof, reference, runs
+from nucleiseg import ablation, data, oof, reference, runs
 from nucleiseg.ablation import CACHE_DIR, views_key
+from nucleiseg.ensemble import segment_images
 from nucleiseg.evaluation import evaluate_run
 from nucleiseg.family import get_family, load_params, run_config
 from nucleiseg.inference import InferenceOptions
@@ -589,6 +591,46 @@ def test_ablation_scores_external_folders_and_size_adaptive_variants(trained_run
     assert plain["held out"] == pytest.approx(external, abs=1e-12)
     assert "| variant | images | CV | delta |" in (tmp_path / "results" / "general.md").read_text()
     assert "held out" in (tmp_path / "results" / "general.md").read_text()
+
+
+@pytest.mark.slow
+def test_ablation_external_scores_are_cached_until_a_model_changes(
+    trained_run, tmp_path, monkeypatch
+):
+    run_dir, data_dir, folds_csv = trained_run
+    folder = _label_folder(tmp_path / "external", [400, 401])
+    config = tmp_path / "cached.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": str(data_dir),
+                "folds_csv": str(folds_csv),
+                "external": {"held out": str(folder)},
+                "variants": [{"name": "plain", "runs": [str(run_dir)]}],
+            }
+        )
+    )
+    segmented = []
+
+    def recording(members, images, *args, **kwargs):
+        segmented.append(sorted(images))
+        return segment_images(members, images, *args, **kwargs)
+
+    monkeypatch.setattr(ablation, "segment_images", recording)
+    argv = ["--config", config, "--out-dir", tmp_path / "results", "--device", "cpu"]
+
+    def held_out() -> float:
+        return run_script("ablate", argv).set_index("variant").loc["plain", "held out"]
+
+    first = held_out()
+    assert segmented == [["ext400", "ext401"]]
+    assert held_out() == first  # read back from the cache, nothing segmented
+    assert segmented == [["ext400", "ext401"]]
+    # A retrained fold (its weights file rewritten) is scored afresh.
+    weights = runs.weights_path(run_dir / "fold1")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert held_out() == pytest.approx(first, abs=1e-12)
+    assert segmented == [["ext400", "ext401"]] * 2
 
 
 @pytest.mark.slow

@@ -17,11 +17,18 @@ rules reuse them. The instance step and scoring then run in parallel over images
 Size-adaptive variants predict each image twice, the second time at a scale
 read off the first, so they have no fixed views to cache: they segment the
 images directly (:func:`nucleiseg.ensemble.segment_images`).
+
+A variant's per-image scores on an external folder are cached too, under
+``<first run>/cache/external/``, keyed by everything that decides them: the
+folder, the folds, the variant's options and thresholds, the device, and each
+model file's size and modification time (a retrained fold is a new key). A
+leaderboard that gains a row re-scores only that row.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -47,7 +54,7 @@ from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_assignment
 from nucleiseg.inference import InferenceOptions, load_fold_models
 from nucleiseg.metric import average_precision
 from nucleiseg.modality import MODALITIES, classify_modality
-from nucleiseg.runs import read_run_info
+from nucleiseg.runs import CONFIG, fold_dirs, read_run_info, weights_path
 
 log = logging.getLogger(__name__)
 
@@ -272,10 +279,43 @@ def direct_oof_labels(
     return labels, (time.perf_counter() - started) / max(len(labels), 1)
 
 
+def external_cache_path(
+    variant: Variant, folder: Path, device: torch.device, folds: Sequence[int] | None = None
+) -> Path:
+    """Where :func:`score_external` keeps a variant's per-image scores on ``folder``."""
+    files = []
+    for run in variant.runs:
+        for fold, fold_dir in fold_dirs(run).items():
+            weights = weights_path(fold_dir)
+            if weights is None or (folds is not None and fold not in folds):
+                continue
+            for path in (weights, fold_dir / CONFIG):
+                stat = path.stat()
+                files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    key = {
+        "folder": str(Path(folder).resolve()),
+        "folds": None if folds is None else sorted(folds),
+        "options": dataclasses.asdict(variant.options),
+        "params": {k: dataclasses.asdict(v) for k, v in sorted(variant_params(variant).items())},
+        "device": device.type,
+        "files": files,
+    }
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(variant.runs[0]) / CACHE_DIR / "external" / f"{Path(folder).name}_{digest}.csv"
+
+
 def score_external(
     variant: Variant, folder: Path, device: torch.device, folds: Sequence[int] | None = None
 ) -> float:
-    """Mean AP of a variant on a whole labelled folder, by all its runs' models (of ``folds``)."""
+    """Mean AP of a variant on a whole labelled folder, by all its runs' models (of ``folds``).
+
+    Per-image scores are read from the cache when an earlier call made them with
+    the same folder, folds, options, thresholds, device and model files
+    (:func:`external_cache_path`), and written there otherwise.
+    """
+    cache = external_cache_path(variant, folder, device, folds)
+    if cache.is_file():
+        return float(pd.read_csv(cache)["score"].mean())
     images = data.find_images(folder)
     modalities: dict[str, str] = {}
 
@@ -290,7 +330,10 @@ def score_external(
         variant.options,
         note,
     )
-    return float(score_labelled(labels, folder, modalities)["score"].mean())
+    scores = score_labelled(labels, folder, modalities)[["image_id", "modality", "score"]]
+    with atomic_path(cache) as tmp:
+        scores.to_csv(tmp, index=False, float_format="%.17g")
+    return float(scores["score"].mean())
 
 
 def variant_params(variant: Variant) -> dict[str, Params]:
