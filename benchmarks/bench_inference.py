@@ -4,25 +4,25 @@
     python benchmarks/bench_inference.py --sizes 1 --modes whole,tiled --sets bundle
     python benchmarks/bench_inference.py --results benchmarks/results/inference.jsonl
 
-A test image (default: a 1000 x 1000 MoNuSeg H&E tile) is mirrored into
-square images of 0.25, 1, 4 and 16 megapixels, and each is segmented by
-``bundle`` (the reference ensemble of ``weights/`` with its manifest's options,
-e.g. five U-Net++ fold models and flip views) and by ``fast`` (``predict.py --fast``:
-one fold model per family, no test-time views), in three modes: ``whole`` (one
-pass per view, whatever the memory), ``tiled`` (``--tile``, default 512, with
-the default overlap) and ``default`` (the command as it ships: whole unless a
-pass would exceed ``max_memory``, then tiles chosen to fit it). Each run is a
-child process, so that its peak resident memory is its own; it reports wall
-and CPU seconds (the process's, every thread's), the same two spent inside the
-networks' modules (forward hooks on the U-Net++ and on the Mask R-CNN's
-stages), its peak memory and the nuclei found. The parent prints one row per
-run, in CPU seconds (``--clock cpu``, the default, fairer on a machine other
-work shares; run with ``OMP_NUM_THREADS=1`` there) or wall seconds: seconds,
-seconds per megapixel, the ratio to the whole
-image of the same size and models, the share of the time outside the networks,
-peak memory, nuclei, and the mean AP of the run's nuclei scored against the
-whole image's (1.0: the same nuclei). Whole images above ``--whole-max-mp``
-are skipped (a 16 MP whole-image pass of the bundle needs about 10 GB).
+A test image (default: a 1000 x 1000 MoNuSeg H&E tile) is mirrored into square
+images of 0.25, 1, 4 and 16 megapixels, and each is segmented by ``bundle`` (the
+reference ensemble of ``weights/`` with its manifest's options, e.g. U-Net++ and
+Mask R-CNN fold models and flip views) and by ``fast`` (``predict.py --fast``:
+the first U-Net++ fold alone, no test-time views), in three modes: ``whole``
+(one pass per view, whatever the memory), ``tiled`` (``--tile``, default 512,
+with the default overlap) and ``default`` (the command as it ships: whole unless
+a pass would exceed ``max_memory``, then tiles chosen to fit it). Each run is a
+child process, so that its peak resident memory is its own; it reports wall and
+CPU seconds (the process's, every thread's), the same two spent inside the
+networks' modules (forward hooks on the U-Net++ and on the Mask R-CNN's stages),
+its peak memory and the nuclei found. The parent prints one row per run, in CPU
+seconds (``--clock cpu``, the default, fairer on a machine other work shares;
+run with ``OMP_NUM_THREADS=1`` there) or wall seconds: seconds, seconds per
+megapixel, the ratio to the whole image of the same size and models, the share
+of the time outside the networks, peak memory, nuclei, and the mean AP of the
+run's nuclei scored against the whole image's (1.0: the same nuclei). Whole
+images above ``--whole-max-mp`` are skipped (a 16 MP whole-image pass of the
+bundle needs about 10 GB).
 
 With ``--results FILE``, each run is appended to FILE as one JSON line and
 runs already there are not repeated, so a long benchmark can be resumed;
@@ -114,7 +114,7 @@ def child(args: argparse.Namespace) -> None:
     from nucleiseg.data import read_image
     from nucleiseg.ensemble import segment_image
     from nucleiseg.family import params_by_family
-    from nucleiseg.inference import first_fold_per_family, load_fold_models, with_options
+    from nucleiseg.inference import fast_preset_models, load_fold_models, with_options
     from nucleiseg.options import FAST_VIEWS
     from nucleiseg.reference import inference_options, verify
 
@@ -124,7 +124,7 @@ def child(args: argparse.Namespace) -> None:
     models = [m for run in runs for m in load_fold_models(run, device)]
     options = inference_options(args.weights)
     if job["set"] == "fast":
-        models = first_fold_per_family(models)
+        models = fast_preset_models(models)
         options = with_options(options, FAST_VIEWS)
     if job["mode"] == "whole":
         options = with_options(options, {"max_memory": float("inf")})

@@ -16,8 +16,9 @@ bundle). Every finished fold of every run predicts each image, over the test-tim
 (``--tta``, ``--scales``), whole or in overlapping tiles (``--tile``,
 ``--overlap``; an image whose whole-image pass would take more than
 ``--max-memory`` GB is tiled without being asked, so any size works, and the
-progress bar counts its tiles). ``--fast`` keeps one fold model per family and
-no test-time views. U-Net++ folds are averaged as probabilities, Mask R-CNN folds
+progress bar counts its tiles). ``--fast`` keeps one model (the first U-Net++
+fold, else the first fold given; with ``--oof`` each image's own fold) and no
+test-time views. U-Net++ folds are averaged as probabilities, Mask R-CNN folds
 merged by vote, and the two families merged by ``--merge``; each run's tuned
 thresholds are used (its ``postprocess.yaml``, that of the run above when
 ``--runs`` names one fold folder). ``--images`` is a folder in the
@@ -73,8 +74,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fast",
         action="store_true",
-        help="one fold model per family (the first; with --oof each image's own) and no "
-        "test-time views",
+        help="one model (the first U-Net++ fold, else the first fold; with --oof each "
+        "image's own fold) and no test-time views",
     )
     add_option_arguments(parser)
     return parser
@@ -230,13 +231,13 @@ def main(args: argparse.Namespace):
 def _predict(args: argparse.Namespace, inputs: _Inputs) -> dict:
     """Segment the images, writing each one's outputs as it comes, then the submission."""
     from nucleiseg.ensemble import segment_images
-    from nucleiseg.inference import first_fold_per_family, load_fold_models
+    from nucleiseg.inference import fast_preset_models, load_fold_models
     from nucleiseg.submission import write_submission
 
     device = inputs.device
     models = [member for run in inputs.runs for member in load_fold_models(run, device)]
     if args.fast:
-        models = first_fold_per_family(models)
+        models = fast_preset_models(models)
     log.info("%d fold models", len(models))
     started = time.perf_counter()
     labels = segment_images(
@@ -255,12 +256,18 @@ def _predict_oof(args: argparse.Namespace, inputs: _Inputs) -> float:
     """Each training image predicted by its own fold's models; returns the CV score."""
     from nucleiseg.ensemble import write_out_of_fold
     from nucleiseg.evaluation import evaluate_run, print_cv_report
-    from nucleiseg.inference import load_fold_models
+    from nucleiseg.inference import fast_preset_models, load_fold_models
 
     device = inputs.device
     models = [member for run in inputs.runs for member in load_fold_models(run, device)]
-    log.info("%d fold models", len(models))
     folds = {m.fold for m in models}
+    if args.fast:
+        models = [
+            kept
+            for k in sorted(folds)
+            for kept in fast_preset_models([m for m in models if m.fold == k])
+        ]
+    log.info("%d fold models", len(models))
     images = {i: p for i, p in inputs.images.items() if inputs.fold_of[i] in folds}
     results = write_out_of_fold(
         models,

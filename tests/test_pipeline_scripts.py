@@ -387,7 +387,9 @@ def test_the_bundle_keeps_its_inference_options_and_flags_override_them(trained_
     weights = tmp_path / "flip_bundle"
     argv = ["--runs", run_dir, "--out", weights, "--data-dir", data_dir, "--folds-csv", folds_csv]
     manifest = run_script("export_weights", argv + ["--tta", "flip", "--merge", "vote"])
-    assert manifest["inference"] == {"tta": "flip", "family_merge": "vote"}
+    # Every option is written out, the defaults too (size adaptation off among them).
+    expected = dataclasses.asdict(InferenceOptions(tta="flip", family_merge="vote"))
+    assert manifest["inference"] == expected | {"scales": list(expected["scales"])}
     assert reference.inference_options(weights).tta == "flip"
 
     images = ["--images", data_dir / data.TEST_STAGE, "--device", "cpu"]

@@ -19,7 +19,7 @@ from nucleiseg.family import get_family, params_by_family
 from nucleiseg.inference import (
     FoldModel,
     InferenceOptions,
-    first_fold_per_family,
+    fast_preset_models,
     load_fold_models,
     predict_probabilities,
 )
@@ -197,15 +197,17 @@ def _fold_models():
     ]
 
 
-def test_the_fast_preset_keeps_the_first_fold_of_each_family():
+def test_the_fast_preset_keeps_the_first_unetpp_fold_else_the_first_fold():
     unet, rcnn = _fold_models()
-    members = [dataclasses.replace(unet, fold=k) for k in (3, 1)] + [
-        dataclasses.replace(rcnn, fold=k) for k in (2, 0)
-    ]
-    assert [(m.config.model, m.fold) for m in first_fold_per_family(members)] == [
-        ("unetpp", 3),
-        ("maskrcnn", 2),
-    ]
+    unets = [dataclasses.replace(unet, fold=k) for k in (3, 1)]
+    rcnns = [dataclasses.replace(rcnn, fold=k) for k in (2, 0)]
+
+    def kept(members):
+        return [(m.config.model, m.fold) for m in fast_preset_models(members)]
+
+    assert kept(rcnns + unets) == [("unetpp", 3)]
+    assert kept(rcnns) == [("maskrcnn", 2)]
+    assert kept([]) == []
 
 
 def test_progress_counts_every_tile_of_every_model_and_view(tmp_path, capsys):

@@ -277,9 +277,13 @@ def load_fold_models(
     return loaded
 
 
-def first_fold_per_family(models: Sequence[FoldModel]) -> list[FoldModel]:
-    """The fast preset's models: of each family, the first fold model given."""
-    first: dict[str, FoldModel] = {}
-    for member in models:
-        first.setdefault(member.config.model, member)
-    return list(first.values())
+def fast_preset_models(models: Sequence[FoldModel]) -> list[FoldModel]:
+    """The fast preset's single model: the first U-Net++ fold given, else the first model.
+
+    One U-Net++ pass costs a fraction of one Mask R-CNN pass on a CPU (the README's
+    inference-cost tables), so the preset keeps U-Net++ whenever the ensemble has it.
+    """
+    if not models:
+        return []
+    unets = [member for member in models if member.config.model == "unetpp"]
+    return [(unets or list(models))[0]]

@@ -13,8 +13,8 @@ from nucleiseg import tta
 
 FAMILY_MERGES = ("nms", "vote", "agree", "fill", "maps")
 
-# The views of the fast preset (with one fold model per family, see
-# nucleiseg.inference.first_fold_per_family): a single pass per model.
+# The views of the fast preset (with its one model, see
+# nucleiseg.inference.fast_preset_models): a single pass.
 FAST_VIEWS = {"tta": "none", "scales": [1.0]}
 
 

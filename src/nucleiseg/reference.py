@@ -7,8 +7,10 @@ the run layout of :mod:`nucleiseg.runs` (``<run>/fold<K>/config.yaml``,
 function that reads a run folder reads a bundled run the same way.
 ``weights/manifest.yaml`` lists each file with its size and sha256, each fold
 model with its configuration, out-of-fold CV, training time, data and seed, and
-the inference options the ensemble was chosen with (test-time views, family
-merge), which the main job and ``scripts/predict.py`` use unless told otherwise.
+every inference option the ensemble was chosen with (test-time views, family
+merge, size adaptation; the defaults written out too, so that a later change of
+a default does not change how a bundle runs), which the main job and
+``scripts/predict.py`` use unless told otherwise.
 
 :func:`verify` checks every listed file before a model is built from it and
 names every missing or altered file in one error.
@@ -122,6 +124,11 @@ def read_manifest(weights_dir: Path = WEIGHTS_DIR) -> dict[str, Any]:
     if not manifest.get("files") or not manifest.get("members"):
         raise ReferenceWeightsError(f"{path}: lists no files or no members")
     return manifest
+
+
+def _plain(options: dict[str, Any]) -> dict[str, Any]:
+    """Option values as YAML writes them safely: tuples as lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
 def inference_options(weights_dir: Path = WEIGHTS_DIR) -> InferenceOptions:
@@ -244,7 +251,7 @@ def export(
         note: Free text kept in the manifest (e.g. the command that made it).
         inference: Fields of :class:`nucleiseg.inference.InferenceOptions` the
             ensemble is meant to run with (e.g. ``{"tta": "flip"}``); the rest
-            keep their defaults.
+            keep their defaults. The manifest records every field.
 
     Returns:
         The manifest written.
@@ -255,8 +262,8 @@ def export(
         ValueError: If the bundle would exceed ``max_megabytes``, or
             ``inference`` is not a valid set of options.
     """
-    inference = dict(inference or {})
-    with_options(InferenceOptions(), inference)  # refuse bad fields and values before any work
+    # Refuses bad fields and values before any work.
+    inference = _plain(asdict(with_options(InferenceOptions(), dict(inference or {}))))
     weights_dir = Path(weights_dir)
     staging = weights_dir.with_name(f".{weights_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
