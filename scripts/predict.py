@@ -262,11 +262,7 @@ def _predict_oof(args: argparse.Namespace, inputs: _Inputs) -> float:
     models = [member for run in inputs.runs for member in load_fold_models(run, device)]
     folds = {m.fold for m in models}
     if args.fast:
-        models = [
-            kept
-            for k in sorted(folds)
-            for kept in fast_preset_models([m for m in models if m.fold == k])
-        ]
+        models = [fast_preset_models([m for m in models if m.fold == k])[0] for k in sorted(folds)]
     log.info("%d fold models", len(models))
     images = {i: p for i, p in inputs.images.items() if inputs.fold_of[i] in folds}
     results = write_out_of_fold(

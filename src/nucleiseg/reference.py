@@ -32,7 +32,7 @@ import yaml
 from nucleiseg.atomic import atomic_path, write_bytes
 from nucleiseg.cli import WEIGHTS_DIR
 from nucleiseg.compact import compact_state
-from nucleiseg.config import load_config
+from nucleiseg.config import load_config, plain
 from nucleiseg.data import LABEL_IMAGES, TRAIN_STAGE
 from nucleiseg.evaluation import evaluate_run
 from nucleiseg.folds import DEFAULT_FOLDS_PATH
@@ -124,11 +124,6 @@ def read_manifest(weights_dir: Path = WEIGHTS_DIR) -> dict[str, Any]:
     if not manifest.get("files") or not manifest.get("members"):
         raise ReferenceWeightsError(f"{path}: lists no files or no members")
     return manifest
-
-
-def _plain(options: dict[str, Any]) -> dict[str, Any]:
-    """Option values as YAML writes them safely: tuples as lists."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
 def inference_options(weights_dir: Path = WEIGHTS_DIR) -> InferenceOptions:
@@ -263,7 +258,7 @@ def export(
             ``inference`` is not a valid set of options.
     """
     # Refuses bad fields and values before any work.
-    inference = _plain(asdict(with_options(InferenceOptions(), dict(inference or {}))))
+    inference = plain(asdict(with_options(InferenceOptions(), dict(inference or {}))))
     weights_dir = Path(weights_dir)
     staging = weights_dir.with_name(f".{weights_dir.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
