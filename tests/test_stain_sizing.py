@@ -96,6 +96,43 @@ def test_steps_with_probability_zero_are_left_out_of_the_pipeline():
     none = ColourParams(invert=0.0, channel_shuffle=0.0, grey=0.0)
     names = [type(t).__name__ for t in train_transform(64, colour_params=none).transforms]
     assert not {"InvertImg", "ChannelShuffle", "ToGray"} & set(names)
+    photometric = {"HueSaturationValue", "RandomBrightnessContrast", "RandomGamma", "OneOf"}
+    assert photometric <= set(names)
+    stain_only = ColourParams(
+        stain_jitter=0.5,
+        invert=0.0,
+        channel_shuffle=0.0,
+        grey=0.0,
+        hue_saturation=0.0,
+        brightness_contrast=0.0,
+        gamma=0.0,
+        blur_noise=0.0,
+    )
+    names = [type(t).__name__ for t in train_transform(64, colour_params=stain_only).transforms]
+    assert names == ["ScaledRandomCrop", "D4", "StainJitter"]
+
+
+def test_a_stain_only_pipeline_leaves_fluorescence_crops_untouched():
+    stain_only = ColourParams(
+        stain_jitter=1.0,
+        haematoxylin_only=1.0,
+        invert=0.0,
+        channel_shuffle=0.0,
+        grey=0.0,
+        hue_saturation=0.0,
+        brightness_contrast=0.0,
+        gamma=0.0,
+        blur_noise=0.0,
+    )
+    transform = train_transform(32, scale_range=(1.0, 1.0), colour_params=stain_only)
+    labels = _labels()[:32, :32]
+    image = np.where(labels[..., None] > 0, 200, 10).astype(np.uint8).repeat(3, axis=2)
+    for seed in range(4):
+        transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        out = transform(image=image, mask=labels)
+        # Only the geometry moved: the same grey levels, each still on its own nucleus.
+        assert set(np.unique(out["image"])) == {10, 200}
+        assert ((out["image"][..., 0] == 200) == (out["mask"] > 0)).all()
 
 
 def test_equivalent_diameters_of_drawn_discs():

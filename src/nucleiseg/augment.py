@@ -28,7 +28,8 @@ one of blur / noise                   0.2     Gaussian blur sigma 0.3 .. 1.0, or
 
 Probabilities are those of :class:`ColourParams`; the steps marked * are off
 by default and switched on by a configuration (each was ablated on its own,
-see ``ablations/generalization.yaml``). The three stain steps work in the
+see ``ablations/generalization.yaml``), and any step is left out by a
+probability of 0. The three stain steps work in the
 haematoxylin-eosin-DAB space of colour deconvolution (Ruifrok and Johnston
 2001; ``skimage.color.rgb2hed``), each on the images it makes sense for and
 leaving others untouched: stain jitter and haematoxylin-only rendering on
@@ -72,6 +73,10 @@ class ColourParams:
         invert: Invert the image (fluorescence <-> brightfield look).
         channel_shuffle: Permute the colour channels.
         grey: Replace the image by its grey level.
+        hue_saturation: Shift hue, saturation and value.
+        brightness_contrast: Scale brightness and contrast.
+        gamma: Change gamma.
+        blur_noise: Gaussian blur or Gaussian noise (one of the two).
     """
 
     stain_fluorescence: float = 0.0
@@ -80,6 +85,10 @@ class ColourParams:
     invert: float = 0.2
     channel_shuffle: float = 0.2
     grey: float = 0.1
+    hue_saturation: float = 0.3
+    brightness_contrast: float = 0.5
+    gamma: float = 0.3
+    blur_noise: float = 0.2
 
 
 def _crop_modality(img: np.ndarray) -> str:
@@ -346,8 +355,8 @@ def train_transform(
         scale_range: Range of the random rescaling before cropping.
         colour: Apply the colour, inversion, blur and noise steps; without
             them only the scaled crop and D4 remain (an ablation).
-        colour_params: Probabilities of the stain, inversion, channel-shuffle
-            and grey steps (default :class:`ColourParams`); a step with
+        colour_params: Probabilities of the colour steps (default
+            :class:`ColourParams`); a step with
             probability 0 is left out of the pipeline, so that the random
             draws of the others do not depend on it.
 
@@ -365,20 +374,19 @@ def train_transform(
         A.InvertImg(p=params.invert),
         A.ChannelShuffle(p=params.channel_shuffle),
         A.ToGray(num_output_channels=3, p=params.grey),
+        A.HueSaturationValue(
+            hue_shift_limit=15, sat_shift_limit=25, val_shift_limit=10, p=params.hue_saturation
+        ),
+        A.RandomBrightnessContrast(
+            brightness_limit=0.2, contrast_limit=0.2, p=params.brightness_contrast
+        ),
+        A.RandomGamma(gamma_limit=(80, 125), p=params.gamma),
+        A.OneOf(
+            [
+                A.GaussianBlur(blur_limit=0, sigma_limit=(0.3, 1.0)),
+                A.GaussNoise(std_range=(0.01, 0.04)),
+            ],
+            p=params.blur_noise,
+        ),
     ]
-    return A.Compose(
-        [
-            *geometric,
-            *(step for step in steps if step.p > 0),
-            A.HueSaturationValue(hue_shift_limit=15, sat_shift_limit=25, val_shift_limit=10, p=0.3),
-            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
-            A.RandomGamma(gamma_limit=(80, 125), p=0.3),
-            A.OneOf(
-                [
-                    A.GaussianBlur(blur_limit=0, sigma_limit=(0.3, 1.0)),
-                    A.GaussNoise(std_range=(0.01, 0.04)),
-                ],
-                p=0.2,
-            ),
-        ]
-    )
+    return A.Compose([*geometric, *(step for step in steps if step.p > 0)])

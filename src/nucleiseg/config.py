@@ -45,8 +45,8 @@ class TrainConfig:
         scale_range: Range of the random rescaling before cropping.
         colour_augment: Use the colour, inversion, blur and noise steps of
             :func:`nucleiseg.augment.train_transform` (off: crops and D4 only).
-        colour: Probabilities of the stain, inversion, channel-shuffle and grey
-            steps (:class:`nucleiseg.augment.ColourParams`).
+        colour: Probability of each colour step, 0 leaving it out
+            (:class:`nucleiseg.augment.ColourParams`).
         extra_data: External labelled folders that join every fold's training
             images (never its validation), each a mapping with ``path``,
             ``weight`` (share of crops relative to the competition images' 1),
