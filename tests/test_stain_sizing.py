@@ -19,6 +19,20 @@ from nucleiseg.ensemble import size_adapted_options
 from nucleiseg.inference import InferenceOptions
 from nucleiseg.modality import FLUORESCENCE, TISSUE, classify_modality
 
+# Every colour step but the three stain steps switched off.
+GENERIC_COLOUR_OFF = dict.fromkeys(
+    (
+        "invert",
+        "channel_shuffle",
+        "grey",
+        "hue_saturation",
+        "brightness_contrast",
+        "gamma",
+        "blur_noise",
+    ),
+    0.0,
+)
+
 
 def _labels(size=96, radius=8):
     labels = np.zeros((size, size), np.int32)
@@ -98,32 +112,13 @@ def test_steps_with_probability_zero_are_left_out_of_the_pipeline():
     assert not {"InvertImg", "ChannelShuffle", "ToGray"} & set(names)
     photometric = {"HueSaturationValue", "RandomBrightnessContrast", "RandomGamma", "OneOf"}
     assert photometric <= set(names)
-    stain_only = ColourParams(
-        stain_jitter=0.5,
-        invert=0.0,
-        channel_shuffle=0.0,
-        grey=0.0,
-        hue_saturation=0.0,
-        brightness_contrast=0.0,
-        gamma=0.0,
-        blur_noise=0.0,
-    )
+    stain_only = ColourParams(stain_jitter=0.5, **GENERIC_COLOUR_OFF)
     names = [type(t).__name__ for t in train_transform(64, colour_params=stain_only).transforms]
     assert names == ["ScaledRandomCrop", "D4", "StainJitter"]
 
 
 def test_a_stain_only_pipeline_leaves_fluorescence_crops_untouched():
-    stain_only = ColourParams(
-        stain_jitter=1.0,
-        haematoxylin_only=1.0,
-        invert=0.0,
-        channel_shuffle=0.0,
-        grey=0.0,
-        hue_saturation=0.0,
-        brightness_contrast=0.0,
-        gamma=0.0,
-        blur_noise=0.0,
-    )
+    stain_only = ColourParams(stain_jitter=1.0, haematoxylin_only=1.0, **GENERIC_COLOUR_OFF)
     transform = train_transform(32, scale_range=(1.0, 1.0), colour_params=stain_only)
     labels = _labels()[:32, :32]
     image = np.where(labels[..., None] > 0, 200, 10).astype(np.uint8).repeat(3, axis=2)

@@ -356,9 +356,9 @@ def train_transform(
         colour: Apply the colour, inversion, blur and noise steps; without
             them only the scaled crop and D4 remain (an ablation).
         colour_params: Probabilities of the colour steps (default
-            :class:`ColourParams`); a step with
-            probability 0 is left out of the pipeline, so that the random
-            draws of the others do not depend on it.
+            :class:`ColourParams`); a step with probability 0 is left out of
+            the pipeline, so that the random draws of the others do not
+            depend on it.
 
     Returns:
         The albumentations pipeline; seed it per item with ``set_random_state``.
