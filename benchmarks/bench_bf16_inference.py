@@ -18,17 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nucleiseg import data, oof
-from nucleiseg.family import load_params
-from nucleiseg.inference import load_fold_models, predict_probabilities
-from nucleiseg.metric import average_precision
-from nucleiseg.postprocess import instances_from_probabilities
+from nucleiseg.competition.metric import average_precision
+from nucleiseg.data import reading
+from nucleiseg.inference import oof
+from nucleiseg.inference.family import load_params
+from nucleiseg.inference.predictor import load_fold_models, predict_probabilities
+from nucleiseg.postprocessing.watershed import instances_from_probabilities
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("fold_dir", type=Path, help="a finished fold folder")
-    parser.add_argument("--data-dir", type=Path, default=data.SAMPLE_DIR)
+    parser.add_argument("--data-dir", type=Path, default=reading.SAMPLE_DIR)
     parser.add_argument("--limit", type=int, help="use only the first N validation images")
     return parser
 
@@ -37,14 +38,14 @@ def main(args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     (member,) = load_fold_models(args.fold_dir, device)
     params = load_params(args.fold_dir.parent)
-    images = data.find_images(args.data_dir / data.TRAIN_STAGE)
+    images = reading.find_images(args.data_dir / reading.TRAIN_STAGE)
     ids = sorted(p.stem for p in (args.fold_dir / oof.OOF_DIR / oof.LABELS_DIR).glob("*.png"))
     ids = ids[: args.limit] if args.limit else ids
     scores = {False: [], True: []}
     seconds = {False: 0.0, True: 0.0}
     max_diff, mean_diff = 0.0, []
     for image_id in ids:
-        sample = data.load_sample(image_id, images[image_id])
+        sample = reading.load_sample(image_id, images[image_id])
         maps = {}
         for bf16 in (False, True):
             started = time.perf_counter()

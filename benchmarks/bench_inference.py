@@ -111,12 +111,12 @@ def _timed(models) -> np.ndarray:
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from nucleiseg.data import read_image
-    from nucleiseg.ensemble import segment_image
-    from nucleiseg.family import params_by_family
-    from nucleiseg.inference import fast_preset_models, load_fold_models, with_options
-    from nucleiseg.options import FAST_VIEWS
-    from nucleiseg.reference import inference_options, verify
+    from nucleiseg.data.reading import read_image
+    from nucleiseg.inference.ensemble import segment_image
+    from nucleiseg.inference.family import params_by_family
+    from nucleiseg.inference.options import FAST_VIEWS
+    from nucleiseg.inference.predictor import fast_preset_models, load_fold_models, with_options
+    from nucleiseg.training.reference import inference_options, verify
 
     job = json.loads(args.child)
     device = torch.device("cpu")
@@ -169,7 +169,7 @@ def _load(path: Path | None) -> dict:
 
 
 def _agreement(folder: Path, row: dict, whole: dict | None) -> str:
-    from nucleiseg.metric import average_precision
+    from nucleiseg.competition.metric import average_precision
 
     if whole is None or "error" in whole or "error" in row:
         return "n/a"

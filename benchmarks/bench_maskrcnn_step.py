@@ -21,11 +21,11 @@ import torch
 from skimage.draw import disk
 from timing import train_step_seconds
 
-from nucleiseg.config import TrainConfig, load_config
-from nucleiseg.dataset import to_tensor
-from nucleiseg.family import get_family
-from nucleiseg.maskrcnn import detection_targets
-from nucleiseg.models import build_model
+from nucleiseg.data.dataset import to_tensor
+from nucleiseg.inference.family import get_family
+from nucleiseg.models.build import build_model
+from nucleiseg.models.config import TrainConfig, load_config
+from nucleiseg.models.maskrcnn import detection_targets
 
 # name -> (backbone, settings of MaskRCNNParams)
 VARIANTS = {

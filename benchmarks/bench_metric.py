@@ -6,7 +6,7 @@ Run from the repository root:
 
 The compared methods, all written here and all checked to give the same score:
 
-* ours: ``nucleiseg.metric.average_precision`` (one numba pass, hashed pair counts);
+* ours: ``nucleiseg.competition.metric.average_precision`` (one numba pass, hashed pair counts);
 * loop: for each ground-truth object, a full-image mask and the prediction labels
   under it (the per-object loop many notebooks use);
 * hist2d: the public Kaggle example kernel, ``np.histogram2d`` over labels made
@@ -35,7 +35,7 @@ from collections.abc import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 from skimage.draw import ellipse  # noqa: E402
 
-from nucleiseg.metric import THRESHOLDS, average_precision  # noqa: E402
+from nucleiseg.competition.metric import THRESHOLDS, average_precision  # noqa: E402
 
 SEED = 2018
 # (name, shape, number of nuclei, repeats of ours / loop / hist2d)

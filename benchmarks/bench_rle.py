@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from bench_metric import CASES, SEED, make_case  # noqa: E402
 from references import per_object_encode  # noqa: E402
 
-from nucleiseg import rle  # noqa: E402
+from nucleiseg.competition import rle  # noqa: E402
 
 
 def best_ms(fn, labels: np.ndarray, budget_s: float = 0.5) -> float:

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nucleiseg.config import TrainConfig
-from nucleiseg.inference import InferenceOptions, predict_probabilities
-from nucleiseg.models import build_model
+from nucleiseg.inference.predictor import InferenceOptions, predict_probabilities
+from nucleiseg.models.build import build_model
+from nucleiseg.models.config import TrainConfig
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -17,8 +17,8 @@ import warnings
 import torch
 from timing import train_step_seconds
 
-from nucleiseg.config import TrainConfig
-from nucleiseg.models import build_model
+from nucleiseg.models.build import build_model
+from nucleiseg.models.config import TrainConfig
 
 
 def get_args_parser() -> argparse.ArgumentParser:

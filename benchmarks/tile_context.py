@@ -121,10 +121,10 @@ def _poolings(model: nn.Module, window: int) -> Iterator[str]:
 
 def score_folder(models, params, folder: Path, window: int) -> None:
     """Mean AP of every image of ``folder``, whole, under both poolings."""
-    from nucleiseg.data import find_images, labels_of, read_image
-    from nucleiseg.ensemble import segment_image
-    from nucleiseg.inference import InferenceOptions
-    from nucleiseg.metric import average_precision, mean_average_precision
+    from nucleiseg.competition.metric import average_precision, mean_average_precision
+    from nucleiseg.data.reading import find_images, labels_of, read_image
+    from nucleiseg.inference.ensemble import segment_image
+    from nucleiseg.inference.predictor import InferenceOptions
 
     images = find_images(folder)
     options = InferenceOptions(max_memory=float("inf"))
@@ -143,10 +143,10 @@ def score_folder(models, params, folder: Path, window: int) -> None:
 
 def compare_tiles(models, params, image_path: Path, tile: int, window: int) -> None:
     """One image whole and tiled under both poolings: nuclei, accuracy and agreement."""
-    from nucleiseg.data import labels_of, read_image
-    from nucleiseg.ensemble import segment_image
-    from nucleiseg.inference import InferenceOptions, predict_probabilities
-    from nucleiseg.metric import average_precision
+    from nucleiseg.competition.metric import average_precision
+    from nucleiseg.data.reading import labels_of, read_image
+    from nucleiseg.inference.ensemble import segment_image
+    from nucleiseg.inference.predictor import InferenceOptions, predict_probabilities
 
     image, truth = read_image(image_path), labels_of(image_path)
     device = torch.device("cpu")
@@ -179,8 +179,8 @@ def compare_tiles(models, params, image_path: Path, tile: int, window: int) -> N
 
 
 def main(args: argparse.Namespace) -> None:
-    from nucleiseg.family import params_by_family
-    from nucleiseg.inference import load_fold_models
+    from nucleiseg.inference.family import params_by_family
+    from nucleiseg.inference.predictor import load_fold_models
 
     torch.manual_seed(0)
     models = load_fold_models(args.run, torch.device("cpu"), {args.fold})

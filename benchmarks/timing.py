@@ -7,8 +7,8 @@ import time
 import torch
 from torch import nn
 
-from nucleiseg.config import TrainConfig
-from nucleiseg.family import get_family
+from nucleiseg.inference.family import get_family
+from nucleiseg.models.config import TrainConfig
 
 
 def train_step_seconds(

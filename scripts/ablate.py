@@ -3,7 +3,7 @@
     python scripts/ablate.py --config ablations/unetpp_postprocess.yaml
     python scripts/ablate.py --config ablations/tta.yaml --workers 2 --device auto
 
-Reads the variants of ``--config`` (see ``nucleiseg.ablation.load_ablation``),
+Reads the variants of ``--config`` (see ``nucleiseg.evaluation.ablation.load_ablation``),
 computes (or takes from the runs' caches) the out-of-fold model outputs each
 needs, scores every variant on the same images, and writes
 ``<out-dir>/<name>.csv`` and ``<out-dir>/<name>.md``: one row per variant with
@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 from nucleiseg import cli
-from nucleiseg.ablation import leaderboard_markdown, load_ablation, run_ablation
 from nucleiseg.atomic import atomic_path
-from nucleiseg.inference import resolve_device
-from nucleiseg.precision import describe_machine
+from nucleiseg.evaluation.ablation import leaderboard_markdown, load_ablation, run_ablation
+from nucleiseg.inference.predictor import resolve_device
+from nucleiseg.models.precision import describe_machine
 
 log = logging.getLogger("ablate")
 

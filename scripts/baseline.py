@@ -19,13 +19,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from nucleiseg import data
 from nucleiseg.atomic import atomic_path
-from nucleiseg.classical import classical_instances
-from nucleiseg.evaluation import modality_table
-from nucleiseg.metric import average_precision
-from nucleiseg.modality import classify_modality
-from nucleiseg.submission import write_submission
+from nucleiseg.competition.metric import average_precision
+from nucleiseg.competition.submission import write_submission
+from nucleiseg.data import reading
+from nucleiseg.data.modality import classify_modality
+from nucleiseg.evaluation.summary import modality_table
+from nucleiseg.models.classical import classical_instances
 
 log = logging.getLogger("baseline")
 
@@ -35,7 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-dir",
         type=Path,
-        default=data.SAMPLE_DIR,
+        default=reading.SAMPLE_DIR,
         help="dataset root holding stage1_train/ and stage1_test/ (default: the bundled sample)",
     )
     parser.add_argument(
@@ -50,9 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> float:
     rows = []
-    train = data.find_images(args.data_dir / data.TRAIN_STAGE)
+    train = reading.find_images(args.data_dir / reading.TRAIN_STAGE)
     for image_id, path in tqdm(train.items(), desc="score train", unit="image"):
-        sample = data.load_sample(image_id, path)
+        sample = reading.load_sample(image_id, path)
         result = average_precision(sample.labels, classical_instances(sample.image))
         modality = classify_modality(sample.image)
         rows.append((image_id, modality, result.score, result.n_true, result.n_pred))
@@ -62,13 +62,13 @@ def main(args: argparse.Namespace) -> float:
             per_image.to_csv(tmp, index=False)
     log.info(
         "classical baseline on %s:\n%s",
-        args.data_dir / data.TRAIN_STAGE,
+        args.data_dir / reading.TRAIN_STAGE,
         modality_table(per_image).to_string(float_format="%.4f"),
     )
 
-    test = data.find_images(args.data_dir / data.TEST_STAGE)
+    test = reading.find_images(args.data_dir / reading.TEST_STAGE)
     predictions = {
-        image_id: classical_instances(data.read_image(path))
+        image_id: classical_instances(reading.read_image(path))
         for image_id, path in tqdm(test.items(), desc="predict test", unit="image")
     }
     write_submission(predictions, args.out)

@@ -31,13 +31,14 @@ import logging
 import time
 from pathlib import Path
 
-from nucleiseg import cli, data
+from nucleiseg import cli
+from nucleiseg.data import reading
 
 log = logging.getLogger("evaluate_external")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from nucleiseg.options import add_option_arguments
+    from nucleiseg.inference.options import add_option_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, required=True, help="labelled folder to score on")
@@ -62,12 +63,12 @@ def _data_name(folder: Path) -> str:
 
 def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, Path], list[Path], object, set]:
     """Images with labels, runs, options and folds, every problem refused at once (status 2)."""
-    from nucleiseg.checks import labelled_problems, model_problems, output_problems
-    from nucleiseg.folds import parse_fold_list
-    from nucleiseg.inference import InferenceOptions, with_options
-    from nucleiseg.options import given_options
-    from nucleiseg.reference import inference_options
-    from nucleiseg.runs import fold_dirs
+    from nucleiseg.competition.folds import parse_fold_list
+    from nucleiseg.inference.options import given_options
+    from nucleiseg.inference.predictor import InferenceOptions, with_options
+    from nucleiseg.models.runs import fold_dirs
+    from nucleiseg.training.checks import labelled_problems, model_problems, output_problems
+    from nucleiseg.training.reference import inference_options
 
     problems = output_problems([args.per_image], [args.save_labels])
     images, found = labelled_problems(args.images)
@@ -88,7 +89,7 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, Path], list[Path]
         if args.folds is not None:
             available = {k for run in runs for k in fold_dirs(run)}
             folds = set(parse_fold_list(args.folds, available))
-    except (data.DataError, ValueError) as error:
+    except (reading.DataError, ValueError) as error:
         problems.append(str(error))
     cli.refuse_if(problems)
     return images, runs, options, folds
@@ -96,10 +97,10 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, Path], list[Path]
 
 def main(args: argparse.Namespace) -> float:
     from nucleiseg.atomic import WriteError, atomic_path
-    from nucleiseg.evaluation import print_external_report, score_labelled
+    from nucleiseg.evaluation.summary import print_external_report, score_labelled
 
     images, runs, options, folds = _check_inputs(args)
-    with cli.refusing(data.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
+    with cli.refusing(reading.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
         if args.labels is not None:
             predictions, modalities = _saved(args, images)
         else:
@@ -113,21 +114,21 @@ def main(args: argparse.Namespace) -> float:
 
 def _saved(args: argparse.Namespace, images: dict[str, Path]) -> tuple[dict, dict]:
     """Saved label PNGs and each image's modality; no model."""
-    from nucleiseg.modality import classify_modality
-    from nucleiseg.oof import read_label_png
+    from nucleiseg.data.modality import classify_modality
+    from nucleiseg.inference.oof import read_label_png
 
     predictions = {i: read_label_png(args.labels / f"{i}.png") for i in images}
-    modalities = {i: classify_modality(data.read_image(path)) for i, path in images.items()}
+    modalities = {i: classify_modality(reading.read_image(path)) for i, path in images.items()}
     return predictions, modalities
 
 
 def _predicted(args, images, runs, options, folds) -> tuple[dict, dict]:
     """Label images segmented now by the runs' fold models, and each image's modality."""
-    from nucleiseg.ensemble import segment_images
-    from nucleiseg.family import params_by_family
-    from nucleiseg.inference import load_fold_models, resolve_device
-    from nucleiseg.modality import classify_modality
-    from nucleiseg.oof import write_label_png
+    from nucleiseg.data.modality import classify_modality
+    from nucleiseg.inference.ensemble import segment_images
+    from nucleiseg.inference.family import params_by_family
+    from nucleiseg.inference.oof import write_label_png
+    from nucleiseg.inference.predictor import load_fold_models, resolve_device
 
     device = resolve_device(args.device)
     models = [m for run in runs for m in load_fold_models(run, device, folds)]

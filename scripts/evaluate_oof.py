@@ -48,8 +48,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> float:
-    from nucleiseg.data import DataError
-    from nucleiseg.evaluation import evaluate_run, markdown_table, print_cv_report, threshold_table
+    from nucleiseg.data.reading import DataError
+    from nucleiseg.evaluation.summary import (
+        evaluate_run,
+        markdown_table,
+        print_cv_report,
+        threshold_table,
+    )
 
     if args.per_image is not None:
         cli.refuse_if([output_problem(args.per_image)])

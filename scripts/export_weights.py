@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from nucleiseg.compact import PRECISIONS
-from nucleiseg.folds import DEFAULT_FOLDS_PATH, parse_fold_list, read_folds
-from nucleiseg.options import add_option_arguments, given_options
-from nucleiseg.reference import WEIGHTS_DIR, BundlePart, export
+from nucleiseg.competition.folds import DEFAULT_FOLDS_PATH, parse_fold_list, read_folds
+from nucleiseg.inference.options import add_option_arguments, given_options
+from nucleiseg.models.compact import PRECISIONS
+from nucleiseg.training.reference import WEIGHTS_DIR, BundlePart, export
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ picks its fold model (default: the lowest). Fold 0 of the images (one in five)
 is held out to validate on and to re-tune the thresholds on; with fewer than
 5 images, every image is validated by a model that did not train on it (one
 model per image, all in the bundle). Training images larger than 512 px are cut into
-tiles. The settings are ``nucleiseg.finetune.FinetuneConfig`` (fine-tuning
+tiles. The settings are ``nucleiseg.training.finetune.FinetuneConfig`` (fine-tuning
 values: 8 epochs of 192 crops at a learning rate of 5e-4), overridden by
 ``--config FILE.yaml`` and then by ``--epochs``, ``--lr`` and ``--seed``.
 ``--scratch`` trains the same architecture from random weights instead.
@@ -41,7 +41,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from nucleiseg import cli, data
+from nucleiseg import cli
+from nucleiseg.data import reading
 
 log = logging.getLogger("finetune")
 
@@ -74,16 +75,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace):
     from nucleiseg.atomic import WriteError
-    from nucleiseg.finetune import load_finetune_config, plan_finetune, run_finetune
-    from nucleiseg.inference import resolve_device
+    from nucleiseg.inference.predictor import resolve_device
+    from nucleiseg.training.finetune import load_finetune_config, plan_finetune, run_finetune
 
     out_dir = args.out_dir or Path("runs") / f"finetune_{args.images.resolve().name}"
-    with cli.refusing(data.DataError, ValueError, RuntimeError):
+    with cli.refusing(reading.DataError, ValueError, RuntimeError):
         settings = load_finetune_config(
             args.config, {"train": {"epochs": args.epochs, "lr": args.lr, "seed": args.seed}}
         )
         device = resolve_device(args.device)
-    with cli.refusing(data.DataError, ValueError):
+    with cli.refusing(reading.DataError, ValueError):
         plan, problems = plan_finetune(
             args.images,
             args.start,
@@ -105,7 +106,7 @@ def main(args: argparse.Namespace):
         origin,
     )
     command = "python scripts/finetune.py " + shlex.join(sys.argv[1:])
-    with cli.refusing(data.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
+    with cli.refusing(reading.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
         result = run_finetune(plan, device, resume=args.resume, note=command)
     for fold in result.folds:
         print(

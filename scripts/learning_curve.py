@@ -4,9 +4,9 @@
     python scripts/learning_curve.py --config ablations/learning_curve.yaml --out-dir /tmp/curve
     python scripts/learning_curve.py --config ablations/learning_curve.yaml --tables-only
 
-Reads the curve of ``--config`` (see ``nucleiseg.learning_curve.load_curve``):
+Reads the curve of ``--config`` (see ``nucleiseg.training.learning_curve.load_curve``):
 for every size, seed and arm (fine-tuned, from scratch) it fine-tunes a point
-with ``nucleiseg.finetune`` in ``<work_dir>/<arm>_n<N>_seed<S>/`` and scores
+with ``nucleiseg.training.finetune`` in ``<work_dir>/<arm>_n<N>_seed<S>/`` and scores
 its bundle on the held-out test folder; the start model is scored too
 (n = 0). Finished points (their ``point.json``) are skipped, so an
 interrupted curve continues where it stopped, and an interrupted point resumes
@@ -27,7 +27,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from nucleiseg import cli, data
+from nucleiseg import cli
+from nucleiseg.data import reading
 
 log = logging.getLogger("learning_curve")
 
@@ -47,23 +48,23 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace):
     from nucleiseg.atomic import WriteError
-    from nucleiseg.inference import resolve_device
-    from nucleiseg.learning_curve import (
+    from nucleiseg.inference.predictor import resolve_device
+    from nucleiseg.models.precision import describe_machine
+    from nucleiseg.training.learning_curve import (
         curve_problems,
         load_curve,
         run_curve,
         summary_table,
         write_results,
     )
-    from nucleiseg.precision import describe_machine
 
-    with cli.refusing(data.DataError, ValueError, RuntimeError):
+    with cli.refusing(reading.DataError, ValueError, RuntimeError):
         curve = load_curve(args.config)
         device = resolve_device(args.device)
     cli.refuse_if(curve_problems(curve, args.out_dir))
     command = "python scripts/learning_curve.py " + shlex.join(sys.argv[1:])
     with (
-        cli.refusing(data.DataError, ValueError),
+        cli.refusing(reading.DataError, ValueError),
         cli.refusing(WriteError, status=cli.FAILURE_STATUS),
     ):
         machine = describe_machine(device)

@@ -2,7 +2,7 @@
 
 Images showing the same scene (adjacent tiles of one field, overlapping views,
 near-duplicates) are grouped and every group goes to a single fold; folds are
-stratified by modality (see ``nucleiseg.folds``).
+stratified by modality (see ``nucleiseg.competition.folds``).
 
 Run from the repository root. The committed ``folds/folds.csv`` is made from
 the full training set with::
@@ -18,8 +18,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from nucleiseg.data import SAMPLE_DIR
-from nucleiseg.folds import DEFAULT_FOLDS_PATH, fold_table, make_folds, write_folds
+from nucleiseg.competition.folds import DEFAULT_FOLDS_PATH, fold_table, make_folds, write_folds
+from nucleiseg.data.reading import SAMPLE_DIR
 
 logger = logging.getLogger("make_folds")
 

@@ -6,7 +6,7 @@
 Each image's size is the median equivalent diameter of its nuclei (the
 diameter of the disc of equal area); a folder's is the median of its images'.
 The training set's value is the ``size_target`` of size-adaptive inference
-(``nucleiseg.sizing.TRAIN_MEDIAN_DIAMETER``); comparing a folder of one's own
+(``nucleiseg.data.sizing.TRAIN_MEDIAN_DIAMETER``); comparing a folder of one's own
 with it says whether size-adaptive inference (``predict.py --size-adaptive``)
 has something to correct.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from nucleiseg import data
-from nucleiseg.modality import classify_modality
-from nucleiseg.sizing import median_diameter
+from nucleiseg.data import reading
+from nucleiseg.data.modality import classify_modality
+from nucleiseg.data.sizing import median_diameter
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -33,10 +33,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> pd.DataFrame:
     rows = []
     for folder in args.folders:
-        images = data.find_images(folder)
-        data.check_labelled(images)
+        images = reading.find_images(folder)
+        reading.check_labelled(images)
         for image_id, path in tqdm(images.items(), desc=str(folder), unit="image"):
-            sample = data.load_sample(image_id, path)
+            sample = reading.load_sample(image_id, path)
             rows.append(
                 {
                     "folder": str(folder),

@@ -6,7 +6,7 @@
 Columns are the first image of each modality in ``--data-dir`` (by the folds
 CSV) and the first image of each ``--extra`` folder; rows are the crop as
 drawn (scaled crop and D4 only), then each colour step of
-``nucleiseg.augment`` applied alone (probability 1), then the recipe of a
+``nucleiseg.data.augment`` applied alone (probability 1), then the recipe of a
 configuration (``--config``, default: the training defaults), seeded so the
 figure is reproducible.
 """
@@ -21,11 +21,11 @@ import albumentations as A
 import numpy as np
 from matplotlib.figure import Figure
 
-from nucleiseg import augment, data
 from nucleiseg.atomic import atomic_path
-from nucleiseg.config import load_config
-from nucleiseg.folds import read_folds
-from nucleiseg.modality import MODALITIES
+from nucleiseg.competition.folds import read_folds
+from nucleiseg.data import augment, reading
+from nucleiseg.data.modality import MODALITIES
+from nucleiseg.models.config import load_config
 
 CROP = 256
 STEPS = {
@@ -40,7 +40,7 @@ STEPS = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=data.SAMPLE_DIR)
+    parser.add_argument("--data-dir", type=Path, default=reading.SAMPLE_DIR)
     parser.add_argument("--folds-csv", type=Path, default=Path("folds/folds.csv"))
     parser.add_argument("--extra", type=Path, nargs="*", default=[], help="labelled folders")
     parser.add_argument("--config", type=Path, help="configuration whose recipe is the last row")
@@ -50,20 +50,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _columns(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
-    root = data.labelled_root(args.data_dir)
-    images = data.find_images(root)
+    root = reading.labelled_root(args.data_dir)
+    images = reading.find_images(root)
     folds = read_folds(args.folds_csv)
     folds = folds[folds["image_id"].isin(list(images))]
     columns = []
     for modality in MODALITIES:
         ids = folds.loc[folds["modality"] == modality, "image_id"]
         if len(ids):
-            columns.append((modality, data.read_image(images[sorted(ids)[0]])))
+            columns.append((modality, reading.read_image(images[sorted(ids)[0]])))
     for folder in args.extra:
-        first = next(iter(data.find_images(folder).values()))
-        columns.append((folder.parent.name or folder.name, data.read_image(first)))
+        first = next(iter(reading.find_images(folder).values()))
+        columns.append((folder.parent.name or folder.name, reading.read_image(first)))
     if not columns:
-        raise data.DataError(f"{root}: no images to draw")
+        raise reading.DataError(f"{root}: no images to draw")
     return columns
 
 

@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from nucleiseg.ablation import FIXED_COLUMNS
 from nucleiseg.atomic import atomic_path
-from nucleiseg.modality import MODALITIES
+from nucleiseg.data.modality import MODALITIES
+from nucleiseg.evaluation.ablation import FIXED_COLUMNS
 
 REPORTED = "reported.csv"
 LEADERBOARD_PNG = "leaderboard.png"

@@ -44,13 +44,14 @@ import logging
 import time
 from pathlib import Path
 
-from nucleiseg import cli, data
+from nucleiseg import cli
+from nucleiseg.data import reading
 
 log = logging.getLogger("predict")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from nucleiseg.options import add_option_arguments
+    from nucleiseg.inference.options import add_option_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, nargs="+", help="run folders (default: --weights)")
@@ -58,7 +59,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--weights", type=Path, default=cli.WEIGHTS_DIR, help="reference bundle used without --runs"
     )
     parser.add_argument(
-        "--images", type=Path, default=data.SAMPLE_DIR / data.TEST_STAGE, help="images to segment"
+        "--images",
+        type=Path,
+        default=reading.SAMPLE_DIR / reading.TEST_STAGE,
+        help="images to segment",
     )
     parser.add_argument("--out", type=Path, help="submission CSV to write")
     parser.add_argument("--save-labels", type=Path, help="also write uint16 label PNGs here")
@@ -83,9 +87,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _writer(args: argparse.Namespace):
     """The per-image callback: label PNGs, overlays and GeoJSON outlines, as asked."""
-    from nucleiseg.oof import write_label_png
-    from nucleiseg.outlines import write_outlines
-    from nucleiseg.overlays import write_overlay
+    from nucleiseg.data.outlines import write_outlines
+    from nucleiseg.data.overlays import write_overlay
+    from nucleiseg.inference.oof import write_label_png
 
     def write(image_id: str, image, labels) -> None:
         if args.save_labels:
@@ -124,9 +128,9 @@ def _changed(settings) -> str:
 
 def _oof_inputs(args: argparse.Namespace, runs: list[Path]) -> tuple[Path | None, dict, dict, list]:
     """The dataset, its training images and their folds for ``--oof``, and the problems met."""
-    from nucleiseg.checks import image_problems
-    from nucleiseg.folds import fold_assignment
-    from nucleiseg.runs import fold_dirs, read_run_info
+    from nucleiseg.competition.folds import fold_assignment
+    from nucleiseg.models.runs import fold_dirs, read_run_info
+    from nucleiseg.training.checks import image_problems
 
     data_dir = args.data_dir
     first_folds = list(fold_dirs(runs[0]).values()) if runs else []
@@ -135,12 +139,12 @@ def _oof_inputs(args: argparse.Namespace, runs: list[Path]) -> tuple[Path | None
     try:
         if data_dir is None:
             data_dir = Path(read_run_info(first_folds[0])["data_dir"])
-        images, problems = image_problems(data.labelled_root(data_dir))
+        images, problems = image_problems(reading.labelled_root(data_dir))
         fold_of = {}
         if images:
             assignment = fold_assignment(args.folds_csv, images)
             fold_of = assignment.set_index("image_id")["fold"].to_dict()
-    except (data.DataError, OSError, KeyError) as error:
+    except (reading.DataError, OSError, KeyError) as error:
         return None, {}, {}, [str(error)]
     return data_dir, images, fold_of, problems
 
@@ -160,11 +164,11 @@ class _Inputs:
 
 def _check_inputs(args: argparse.Namespace) -> _Inputs:
     """Check outputs, runs or bundle, images and options; refuse (status 2) naming every problem."""
-    from nucleiseg.checks import image_problems, model_problems, output_problems
-    from nucleiseg.family import params_by_family
-    from nucleiseg.inference import InferenceOptions, resolve_device, with_options
-    from nucleiseg.options import FAST_VIEWS, given_options
-    from nucleiseg.reference import inference_options
+    from nucleiseg.inference.family import params_by_family
+    from nucleiseg.inference.options import FAST_VIEWS, given_options
+    from nucleiseg.inference.predictor import InferenceOptions, resolve_device, with_options
+    from nucleiseg.training.checks import image_problems, model_problems, output_problems
+    from nucleiseg.training.reference import inference_options
 
     problems = []
     if args.oof:
@@ -203,7 +207,7 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
         device = resolve_device(args.device)
         if runs and not problems:
             params = params_by_family(runs)
-    except (data.DataError, ValueError, RuntimeError) as error:
+    except (reading.DataError, ValueError, RuntimeError) as error:
         problems.append(str(error))
     cli.refuse_if(problems)
     return _Inputs(runs, images, params, options, device, data_dir, fold_of)
@@ -211,8 +215,8 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
 
 def main(args: argparse.Namespace):
     from nucleiseg.atomic import WriteError
-    from nucleiseg.family import run_config
-    from nucleiseg.runs import postprocess_path
+    from nucleiseg.inference.family import run_config
+    from nucleiseg.models.runs import postprocess_path
 
     inputs = _check_inputs(args)
     if not args.runs:
@@ -224,15 +228,15 @@ def main(args: argparse.Namespace):
     for name, thresholds in inputs.params.items():
         log.info("%s thresholds: %s", name, _changed(thresholds))
     log.info("%d images; inference options: %s", len(inputs.images), _changed(inputs.options))
-    with cli.refusing(data.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
+    with cli.refusing(reading.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
         return _predict_oof(args, inputs) if args.oof else _predict(args, inputs)
 
 
 def _predict(args: argparse.Namespace, inputs: _Inputs) -> dict:
     """Segment the images, writing each one's outputs as it comes, then the submission."""
-    from nucleiseg.ensemble import segment_images
-    from nucleiseg.inference import fast_preset_models, load_fold_models
-    from nucleiseg.submission import write_submission
+    from nucleiseg.competition.submission import write_submission
+    from nucleiseg.inference.ensemble import segment_images
+    from nucleiseg.inference.predictor import fast_preset_models, load_fold_models
 
     device = inputs.device
     models = [member for run in inputs.runs for member in load_fold_models(run, device)]
@@ -245,7 +249,7 @@ def _predict(args: argparse.Namespace, inputs: _Inputs) -> dict:
     )
     seconds = time.perf_counter() - started
     write_submission(labels, args.out)
-    shapes = {data.image_size(p) for p in inputs.images.values()}
+    shapes = {reading.image_size(p) for p in inputs.images.values()}
     print(f"{_summary(labels, seconds, shapes)} -> {args.out}")
     if args.save_overlays:
         print(f"overlays: {args.save_overlays}")
@@ -254,9 +258,9 @@ def _predict(args: argparse.Namespace, inputs: _Inputs) -> dict:
 
 def _predict_oof(args: argparse.Namespace, inputs: _Inputs) -> float:
     """Each training image predicted by its own fold's models; returns the CV score."""
-    from nucleiseg.ensemble import write_out_of_fold
-    from nucleiseg.evaluation import evaluate_run, print_cv_report
-    from nucleiseg.inference import fast_preset_models, load_fold_models
+    from nucleiseg.evaluation.summary import evaluate_run, print_cv_report
+    from nucleiseg.inference.ensemble import write_out_of_fold
+    from nucleiseg.inference.predictor import fast_preset_models, load_fold_models
 
     device = inputs.device
     models = [member for run in inputs.runs for member in load_fold_models(run, device)]
@@ -277,7 +281,7 @@ def _predict_oof(args: argparse.Namespace, inputs: _Inputs) -> float:
         _writer(args),
     )
     for fold, (labels, seconds) in results.items():
-        shapes = {data.image_size(images[i]) for i in labels}
+        shapes = {reading.image_size(images[i]) for i in labels}
         print(f"fold {fold}: {_summary(labels, seconds, shapes)}")
     per_image = evaluate_run(args.out_dir, inputs.data_dir, args.folds_csv)
     return print_cv_report(per_image)

@@ -21,7 +21,8 @@ import logging
 import time
 from pathlib import Path
 
-from nucleiseg import cli, data
+from nucleiseg import cli
+from nucleiseg.data import reading
 
 log = logging.getLogger("quickstart")
 
@@ -29,7 +30,7 @@ log = logging.getLogger("quickstart")
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, default=cli.WEIGHTS_DIR, help="reference bundle")
-    parser.add_argument("--data-dir", type=Path, default=data.SAMPLE_DIR)
+    parser.add_argument("--data-dir", type=Path, default=reading.SAMPLE_DIR)
     parser.add_argument("--folds-csv", type=Path, default=cli.DEFAULT_FOLDS_PATH)
     parser.add_argument("--out", type=Path, default=Path("submissions/sample_reference.csv"))
     parser.add_argument("--overlays", type=Path, default=Path("predictions/sample_overlays"))
@@ -40,33 +41,38 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> float:
     from nucleiseg.atomic import WriteError
-    from nucleiseg.checks import bundle_problems, image_problems, labelled_problems, output_problems
-    from nucleiseg.ensemble import segment_images, write_out_of_fold
-    from nucleiseg.evaluation import evaluate_run, print_cv_report
-    from nucleiseg.family import params_by_family
-    from nucleiseg.folds import fold_assignment
-    from nucleiseg.inference import load_fold_models, resolve_device
-    from nucleiseg.overlays import write_overlay
-    from nucleiseg.reference import inference_options
-    from nucleiseg.submission import write_submission
+    from nucleiseg.competition.folds import fold_assignment
+    from nucleiseg.competition.submission import write_submission
+    from nucleiseg.data.overlays import write_overlay
+    from nucleiseg.evaluation.summary import evaluate_run, print_cv_report
+    from nucleiseg.inference.ensemble import segment_images, write_out_of_fold
+    from nucleiseg.inference.family import params_by_family
+    from nucleiseg.inference.predictor import load_fold_models, resolve_device
+    from nucleiseg.training.checks import (
+        bundle_problems,
+        image_problems,
+        labelled_problems,
+        output_problems,
+    )
+    from nucleiseg.training.reference import inference_options
 
     problems = output_problems([args.out], [args.overlays, args.oof_dir])
     runs, found = bundle_problems(args.weights)
     problems += found
-    test_images, found = image_problems(args.data_dir / data.TEST_STAGE)
+    test_images, found = image_problems(args.data_dir / reading.TEST_STAGE)
     problems += found
-    train_images, found = labelled_problems(args.data_dir / data.TRAIN_STAGE)
+    train_images, found = labelled_problems(args.data_dir / reading.TRAIN_STAGE)
     problems += found
     try:
         if train_images:
             fold_of = fold_assignment(args.folds_csv, train_images).set_index("image_id")["fold"]
         options = inference_options(args.weights) if runs else None
         device = resolve_device(args.device)
-    except (data.DataError, ValueError, RuntimeError) as error:
+    except (reading.DataError, ValueError, RuntimeError) as error:
         problems.append(str(error))
     cli.refuse_if(problems)
 
-    with cli.refusing(data.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
+    with cli.refusing(reading.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
         models = [member for run in runs for member in load_fold_models(run, device)]
         params = params_by_family(runs)
         names = ", ".join(r.name for r in runs)

@@ -22,8 +22,8 @@ import pandas as pd
 import yaml
 
 from nucleiseg.atomic import atomic_path
-from nucleiseg.evaluation import cv_summary, evaluate_run
-from nucleiseg.folds import DEFAULT_FOLDS_PATH
+from nucleiseg.competition.folds import DEFAULT_FOLDS_PATH
+from nucleiseg.evaluation.summary import cv_summary, evaluate_run
 
 _ENTRY_KEYS = {"name", "oof", "cv", "made_by"}
 

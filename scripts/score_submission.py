@@ -20,8 +20,11 @@ import logging
 import sys
 from pathlib import Path
 
-from nucleiseg import cli, data, submission
+from nucleiseg import cli
 from nucleiseg.atomic import output_problem, write_text
+from nucleiseg.competition import submission
+from nucleiseg.competition.truth import load_truth
+from nucleiseg.data import reading
 
 log = logging.getLogger("score_submission")
 
@@ -45,8 +48,8 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.per_image is not None:
         cli.refuse_if([output_problem(args.per_image)])
-    with cli.refusing(data.DataError):
-        truth = data.load_truth(args.truth, args.images)
+    with cli.refusing(reading.DataError):
+        truth = load_truth(args.truth, args.images)
     log.info("truth: %d images from %s", len(truth), args.truth)
     sizes = {image_id: labels.shape for image_id, labels in truth.items()}
     try:

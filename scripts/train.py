@@ -8,14 +8,14 @@
 
 Each fold writes to ``<out-dir>/fold<K>/`` (default ``runs/<experiment>/fold<K>/``):
 config.yaml, run.yaml, epochs.csv, last.ckpt, best.ckpt, weights_fp16.pt and
-oof/ (see ``nucleiseg.oof``). Score the out-of-fold predictions with
+oof/ (see ``nucleiseg.inference.oof``). Score the out-of-fold predictions with
 ``scripts/evaluate_oof.py runs/<experiment>``.
 
 Started by ``torchrun --nproc-per-node N``, the N processes train each fold
 together with DistributedDataParallel (NCCL, one GPU each, with
 ``--device cuda``; gloo on CPU), sharing every batch of ``batch_size`` crops;
 rank 0 alone validates and writes, and ``--resume`` works as in one process
-(see ``nucleiseg.distributed``).
+(see ``nucleiseg.training.distributed``).
 
 The configuration, the run folder, the dataset's images (headers) and labels,
 the folds file and the weights to start from are checked before any image is
@@ -29,7 +29,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from nucleiseg import cli, data
+from nucleiseg import cli
+from nucleiseg.data import reading
 
 log = logging.getLogger("train")
 
@@ -44,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-dir",
         type=Path,
-        default=data.SAMPLE_DIR,
+        default=reading.SAMPLE_DIR,
         help="dataset root holding stage1_train/ (default: the bundled sample)",
     )
     parser.add_argument("--folds-csv", type=Path, default=Path("folds/folds.csv"))
@@ -62,14 +63,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     from nucleiseg.atomic import WriteError
-    from nucleiseg.checks import training_problems
-    from nucleiseg.config import load_config
-    from nucleiseg.distributed import launch
-    from nucleiseg.engine import train_folds
-    from nucleiseg.inference import resolve_device
-    from nucleiseg.runs import read_yaml
+    from nucleiseg.inference.predictor import resolve_device
+    from nucleiseg.models.config import load_config
+    from nucleiseg.models.runs import read_yaml
+    from nucleiseg.training.checks import training_problems
+    from nucleiseg.training.distributed import launch
+    from nucleiseg.training.engine import train_folds
 
-    with cli.refusing(data.DataError, ValueError, RuntimeError):
+    with cli.refusing(reading.DataError, ValueError, RuntimeError):
         if args.config is not None:
             read_yaml(args.config)
         config = load_config(
@@ -90,7 +91,7 @@ def main(args: argparse.Namespace) -> None:
         training_problems(config, args.data_dir, args.folds_csv, args.fold, run_dir, args.resume)
     )
     with (
-        cli.refusing(data.DataError),
+        cli.refusing(reading.DataError),
         cli.refusing(WriteError, status=cli.FAILURE_STATUS),
         launch(device) as device,
     ):

@@ -31,14 +31,16 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from nucleiseg import cli, data, oof
-from nucleiseg.ablation import run_raws
+from nucleiseg import cli
 from nucleiseg.atomic import atomic_path
-from nucleiseg.config import load_config
-from nucleiseg.family import get_family
-from nucleiseg.inference import InferenceOptions, resolve_device
-from nucleiseg.runs import CONFIG, POSTPROCESS_YAML, read_run_info
-from nucleiseg.tuning import coordinate_search, mean_score
+from nucleiseg.data import reading
+from nucleiseg.evaluation.ablation import run_raws
+from nucleiseg.inference import oof
+from nucleiseg.inference.family import get_family
+from nucleiseg.inference.predictor import InferenceOptions, resolve_device
+from nucleiseg.models.config import load_config
+from nucleiseg.models.runs import CONFIG, POSTPROCESS_YAML, read_run_info
+from nucleiseg.postprocessing.tuning import coordinate_search, mean_score
 
 log = logging.getLogger("tune_postprocess")
 
@@ -67,19 +69,19 @@ def main(args: argparse.Namespace) -> None:
     config = load_config(first / CONFIG)
     family = get_family(config.model)
     start = family.params(config)
-    images = data.find_images(data.labelled_root(data_dir))
+    images = reading.find_images(reading.labelled_root(data_dir))
     device = resolve_device(args.device)
     raws, fold_dir_of = {}, {}
     for fold, fold_dir in folds.items():
         try:
             fold_raws = family.load_oof(fold_dir)
-        except data.DataError:  # label images only
+        except reading.DataError:  # label images only
             log.info("fold %d: no raw outputs in %s, predicting them again", fold, fold_dir)
             fold_raws, _ = run_raws(args.run_dir, InferenceOptions(), data_dir, device, [fold])
         for image_id, raw in fold_raws.items():
             raws[image_id] = raw
             fold_dir_of[image_id] = fold_dir
-    truth = {i: data.labels_of(images[i]) for i in tqdm(raws, desc="truth", unit="image")}
+    truth = {i: reading.labels_of(images[i]) for i in tqdm(raws, desc="truth", unit="image")}
 
     best, history = coordinate_search(raws, truth, start)
     with atomic_path(args.run_dir / "postprocess_search.csv") as tmp:

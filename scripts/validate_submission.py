@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from nucleiseg import cli, data, submission
+from nucleiseg import cli
+from nucleiseg.competition import submission
+from nucleiseg.data import reading
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -33,9 +35,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    with cli.refusing(data.DataError):
-        images = data.find_images(args.images)
-        sizes = {image_id: data.image_size(path) for image_id, path in images.items()}
+    with cli.refusing(reading.DataError):
+        images = reading.find_images(args.images)
+        sizes = {image_id: reading.image_size(path) for image_id, path in images.items()}
     problems = submission.validate_submission(args.submission, sizes)
     for problem in problems:
         print(problem)

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 from skimage.draw import disk
 
-from nucleiseg.config import TrainConfig, load_config
-from nucleiseg.data import Sample
+from nucleiseg.data.reading import Sample
+from nucleiseg.models.config import TrainConfig, load_config
 
 
 def write_item(root: Path, image_id: str, image: np.ndarray, masks=()) -> Path:

@@ -6,10 +6,15 @@ import pytest
 import yaml
 from skimage.draw import disk
 
-from nucleiseg.ablation import Variant, leaderboard_markdown, load_ablation, score_variant
-from nucleiseg.config import TrainConfig, save_config
-from nucleiseg.inference import InferenceOptions
-from nucleiseg.targets import make_targets
+from nucleiseg.data.targets import make_targets
+from nucleiseg.evaluation.ablation import (
+    Variant,
+    leaderboard_markdown,
+    load_ablation,
+    score_variant,
+)
+from nucleiseg.inference.predictor import InferenceOptions
+from nucleiseg.models.config import TrainConfig, save_config
 
 
 def _run(tmp_path, name):

@@ -9,9 +9,8 @@ import pytest
 import torch
 from skimage.draw import disk
 
-from nucleiseg.augment import ScaledRandomCrop, train_transform
-from nucleiseg.data import DataError, Sample
-from nucleiseg.dataset import (
+from nucleiseg.data.augment import ScaledRandomCrop, train_transform
+from nucleiseg.data.dataset import (
     IMAGE_MEAN,
     IMAGE_STD,
     NucleiDataset,
@@ -19,7 +18,8 @@ from nucleiseg.dataset import (
     sample_weights,
     to_tensor,
 )
-from nucleiseg.targets import make_targets
+from nucleiseg.data.reading import DataError, Sample
+from nucleiseg.data.targets import make_targets
 
 LABEL_VALUES = (3, 7, 1000)
 

@@ -3,8 +3,8 @@
 import numpy as np
 from skimage.draw import disk
 
-from nucleiseg.classical import classical_instances
-from nucleiseg.metric import average_precision
+from nucleiseg.competition.metric import average_precision
+from nucleiseg.models.classical import classical_instances
 
 
 def _draw(centers, radius=10, shape=(80, 96)) -> np.ndarray:

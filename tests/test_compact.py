@@ -4,8 +4,8 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from nucleiseg.compact import compact_state, expand_state
-from nucleiseg.models import build_model, load_weights
+from nucleiseg.models.build import build_model, load_weights
+from nucleiseg.models.compact import compact_state, expand_state
 
 
 def test_int8_round_trip_is_within_half_a_step_of_each_channel():

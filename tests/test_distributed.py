@@ -14,7 +14,14 @@ import torch
 import yaml
 from helpers import disc_sample, run_script, tiny_config, write_labelled
 
-from nucleiseg import data, distributed, engine, runs
+from nucleiseg.data import reading
+
+# One step per epoch, so that each epoch's training loss is one step's loss:
+from nucleiseg.models import runs
+
+# One step per epoch, so that each epoch's training loss is one step's loss:
+# One step per epoch, so that each epoch's training loss is one step's loss:
+from nucleiseg.training import distributed, engine
 
 # One step per epoch, so that each epoch's training loss is one step's loss:
 # a global batch of 4 crops, 2 per process.
@@ -156,7 +163,7 @@ def test_a_resumed_two_process_run_ends_exactly_like_an_uninterrupted_one(two_pr
 
 @pytest.mark.slow
 def test_torchrun_continues_a_fold_in_two_processes_with_resume(tmp_path, repo_root):
-    write_labelled(tmp_path / data.TRAIN_STAGE, {s.image_id: s.labels for s in TRAIN + VAL})
+    write_labelled(tmp_path / reading.TRAIN_STAGE, {s.image_id: s.labels for s in TRAIN + VAL})
     folds = tmp_path / "folds.csv"
     ids = [s.image_id for s in TRAIN + VAL]
     pd.DataFrame(
@@ -191,7 +198,7 @@ def test_torchrun_continues_a_fold_in_two_processes_with_resume(tmp_path, repo_r
 def test_processes_that_cannot_share_the_batch_are_refused_before_training(
     tmp_path, monkeypatch, capsys
 ):
-    write_labelled(tmp_path / data.TRAIN_STAGE, {s.image_id: s.labels for s in TRAIN + VAL})
+    write_labelled(tmp_path / reading.TRAIN_STAGE, {s.image_id: s.labels for s in TRAIN + VAL})
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(SystemExit) as stopped:
         run_script("train", ["--data-dir", tmp_path, "--out-dir", tmp_path / "run"])

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from nucleiseg.ensemble import detection_body, fuse_maps, labels_from_raws, merge_families
-from nucleiseg.family import confident_instances, get_family, scored_instances
-from nucleiseg.inference import InferenceOptions
-from nucleiseg.instances import (
+from nucleiseg.inference.ensemble import detection_body, fuse_maps, labels_from_raws, merge_families
+from nucleiseg.inference.family import confident_instances, get_family, scored_instances
+from nucleiseg.inference.predictor import InferenceOptions
+from nucleiseg.postprocessing.instances import (
     InstanceParams,
     Instances,
     SoftInstances,
@@ -15,7 +15,7 @@ from nucleiseg.instances import (
     instances_to_labels,
     merge_views,
 )
-from nucleiseg.postprocess import BODY, PostprocessParams
+from nucleiseg.postprocessing.watershed import BODY, PostprocessParams
 
 SHAPE = (64, 96)
 

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nucleiseg import data, oof
-from nucleiseg.config import save_config
-from nucleiseg.evaluation import (
+from nucleiseg.competition.submission import score_submission
+from nucleiseg.data import reading
+from nucleiseg.evaluation.summary import (
     cv_summary,
     evaluate_run,
     fold_table,
@@ -16,9 +16,10 @@ from nucleiseg.evaluation import (
     modality_table,
     threshold_table,
 )
-from nucleiseg.instances import SoftInstances
-from nucleiseg.runs import CONFIG
-from nucleiseg.submission import score_submission
+from nucleiseg.inference import oof
+from nucleiseg.models.config import save_config
+from nucleiseg.models.runs import CONFIG
+from nucleiseg.postprocessing.instances import SoftInstances
 from tests.helpers import tiny_maskrcnn_config, write_labelled
 
 
@@ -86,7 +87,7 @@ def test_evaluate_run_relabels_saved_instances_with_other_thresholds(tmp_path):
     truth = np.zeros((32, 32), np.uint16)
     truth[2:10, 2:10] = 1
     truth[20:28, 20:28] = 2
-    write_labelled(tmp_path / "data" / data.TRAIN_STAGE, {"img": truth, "other": truth})
+    write_labelled(tmp_path / "data" / reading.TRAIN_STAGE, {"img": truth, "other": truth})
     folds = {"image_id": ["img", "other"], "fold": [0, 1], "modality": "tissue", "group": [0, 1]}
     pd.DataFrame(folds).to_csv(tmp_path / "folds.csv", index=False)
     fold_dir = tmp_path / "run" / "fold0"

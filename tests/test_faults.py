@@ -19,15 +19,19 @@ import torch
 from helpers import run_script, tiny_config
 from skimage.draw import disk
 
-from nucleiseg import atomic, cli, data, engine, family, oof, reference, runs
+from nucleiseg import atomic, cli
 from nucleiseg.atomic import WriteError, output_problem, write_bytes, write_png
-from nucleiseg.checks import run_problems
-from nucleiseg.compact import compact_state
-from nucleiseg.config import save_config
-from nucleiseg.models import build_model, load_weights
-from nucleiseg.overlays import write_overlay
-from nucleiseg.postprocess import PostprocessParams
-from nucleiseg.submission import write_submission
+from nucleiseg.competition.submission import write_submission
+from nucleiseg.data import reading
+from nucleiseg.data.overlays import write_overlay
+from nucleiseg.inference import family, oof
+from nucleiseg.models import runs
+from nucleiseg.models.build import build_model, load_weights
+from nucleiseg.models.compact import compact_state
+from nucleiseg.models.config import save_config
+from nucleiseg.postprocessing.watershed import PostprocessParams
+from nucleiseg.training import engine, reference
+from nucleiseg.training.checks import run_problems
 
 
 class _Os:
@@ -81,12 +85,12 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Fail the test if a script gets as far as loading a model."""
-    import nucleiseg.inference
+    import nucleiseg.inference.predictor
 
     def refuse_to_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(nucleiseg.inference, "load_fold_models", refuse_to_load)
+    monkeypatch.setattr(nucleiseg.inference.predictor, "load_fold_models", refuse_to_load)
 
 
 def _refused(script, argv, status=cli.USAGE_STATUS):
@@ -165,8 +169,8 @@ def test_nan_and_inf_pixels_do_not_blank_a_float_image(tmp_path):
     image[0, 1], image[3, 2], image[2, 0] = np.nan, np.inf, -np.inf
     path = tmp_path / "float.tif"
     assert cv2.imwrite(str(path), image)
-    with pytest.warns(data.NonFiniteWarning, match="float.tif: 3 NaN or infinite pixels of 16"):
-        read = data.read_image(path)
+    with pytest.warns(reading.NonFiniteWarning, match="float.tif: 3 NaN or infinite pixels of 16"):
+        read = reading.read_image(path)
     finite = np.isfinite(image)
     lo, hi = image[finite].min(), image[finite].max()
     expected = np.rint((image.astype(np.float64) - lo) * 255 / (hi - lo))
@@ -178,8 +182,8 @@ def test_nan_and_inf_pixels_do_not_blank_a_float_image(tmp_path):
 def test_a_float_image_without_one_finite_pixel_is_refused(tmp_path):
     path = tmp_path / "nan.tif"
     assert cv2.imwrite(str(path), np.full((3, 3), np.nan, np.float32))
-    with pytest.raises(data.DataError, match="nan.tif: no pixel has a finite value"):
-        data.read_image(path)
+    with pytest.raises(reading.DataError, match="nan.tif: no pixel has a finite value"):
+        reading.read_image(path)
 
 
 # 3. Output paths are checked before any model loads, and named as given.
@@ -252,7 +256,7 @@ def test_image_files_are_checked_from_their_headers(tmp_path):
     jpeg_named_png = tmp_path / "jpeg.png"
     jpeg_named_png.write_bytes(cv2.imencode(".jpg", _disc_image(1))[1].tobytes())
     paths = [good, truncated, empty, tiff, jpeg_named_png, tmp_path / "missing.png"]
-    assert data.check_image_files(paths) == [
+    assert reading.check_image_files(paths) == [
         f"{truncated}: unreadable or truncated image",
         f"{empty}: empty file (0 bytes)",
         f"{tmp_path / 'missing.png'}: no such file",
@@ -286,8 +290,8 @@ def test_refusal_prints_one_error_line_per_problem_and_exits_2(capsys):
         "error: a.png: truncated",
         "error: b.png: no such file",
     ]
-    with pytest.raises(SystemExit) as stopped, cli.refusing(data.DataError):
-        raise data.DataError("c.png: unreadable")
+    with pytest.raises(SystemExit) as stopped, cli.refusing(reading.DataError):
+        raise reading.DataError("c.png: unreadable")
     assert stopped.value.code == 2 and "error: c.png: unreadable" in capsys.readouterr().err
 
 
@@ -307,7 +311,7 @@ def test_scripts_refuse_bad_folders_without_a_traceback(tmp_path):
 
 
 def test_train_checks_its_inputs_before_reading_any_image(tmp_path):
-    labelled = tmp_path / "data" / data.TRAIN_STAGE
+    labelled = tmp_path / "data" / reading.TRAIN_STAGE
     good = _write_png(labelled / "a" / "images" / "a.png", _disc_image(0))
     (labelled / "a" / "masks").mkdir()
     _write_png(labelled / "b" / "images" / "b.png", _disc_image(1))  # no masks folder
@@ -349,14 +353,14 @@ def test_altered_weights_are_named_before_and_when_they_load(tiny_run, tmp_path)
     weights.write_bytes(bytes(blob))
     message = f"{weights}: corrupt: its sha256 differs from the one recorded"
     assert run_problems([run_dir])[0].startswith(message)
-    with pytest.raises(data.DataError, match=message):
+    with pytest.raises(reading.DataError, match=message):
         load_weights(build_model(tiny_config()), weights)
     # Without a recorded checksum the archive's own CRCs still catch a flipped byte.
     (run_dir / "fold0" / runs.WEIGHTS_SHA256).unlink()
     assert run_problems([run_dir])[0].startswith(f"{weights}: corrupt: ")
     weights.write_bytes(bytes(blob[: len(blob) // 3]))
     assert run_problems([run_dir])[0].startswith(f"{weights}: corrupt or truncated")
-    with pytest.raises(data.DataError, match=f"{weights}: corrupt or truncated"):
+    with pytest.raises(reading.DataError, match=f"{weights}: corrupt or truncated"):
         load_weights(build_model(tiny_config()), weights)
 
 
@@ -471,9 +475,9 @@ def test_epochs_without_validation_log_no_nan_and_the_weights_get_a_checksum(
     labels = np.zeros((64, 64), np.int32)
     labels[disk((30, 30), 8, shape=labels.shape)] = 1
     image = np.dstack([np.where(labels > 0, 200, 10).astype(np.uint8)] * 3)
-    train, val = [data.Sample("t0", image, labels)], [data.Sample("v0", image, labels)]
+    train, val = [reading.Sample("t0", image, labels)], [reading.Sample("v0", image, labels)]
     fold_dir = tmp_path / "fold0"
-    with caplog.at_level(logging.INFO, logger="nucleiseg.engine"):
+    with caplog.at_level(logging.INFO, logger="nucleiseg.training.engine"):
         engine.train_fold(
             tiny_config(val_every=5),
             train,

@@ -12,19 +12,21 @@ import yaml
 from helpers import disc_labels, run_script, tiny_config
 from skimage.draw import disk
 
-from nucleiseg import learning_curve, oof, reference, runs
-from nucleiseg.config import save_config
-from nucleiseg.data import BinaryLabelsWarning, Sample
-from nucleiseg.engine import save_compact_weights
-from nucleiseg.family import params_by_family
-from nucleiseg.finetune import (
+from nucleiseg.data.outlines import nucleus_rings, outlines_geojson
+from nucleiseg.data.reading import BinaryLabelsWarning, Sample
+from nucleiseg.inference import oof
+from nucleiseg.inference.family import params_by_family
+from nucleiseg.models import runs
+from nucleiseg.models.build import build_model
+from nucleiseg.models.config import save_config
+from nucleiseg.training import learning_curve, reference
+from nucleiseg.training.engine import save_compact_weights
+from nucleiseg.training.finetune import (
     FOLDS_CSV,
     load_finetune_config,
     load_labelled_set,
     split_folds,
 )
-from nucleiseg.models import build_model
-from nucleiseg.outlines import nucleus_rings, outlines_geojson
 
 # A few steps on 64 px crops: seconds on 2 CPU cores.
 TINY = {

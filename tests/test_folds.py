@@ -12,8 +12,7 @@ import pytest
 from helpers import run_script, write_item
 from skimage.draw import disk
 
-from nucleiseg.data import DataError
-from nucleiseg.folds import (
+from nucleiseg.competition.folds import (
     ADJACENT,
     DUPLICATE,
     FOLD_COLUMNS,
@@ -27,7 +26,8 @@ from nucleiseg.folds import (
     read_folds,
     write_folds,
 )
-from nucleiseg.modality import MODALITIES
+from nucleiseg.data.modality import MODALITIES
+from nucleiseg.data.reading import DataError
 
 
 def _scene(shape: tuple[int, int], n_discs: int, seed: int) -> np.ndarray:
@@ -135,7 +135,7 @@ def test_assign_folds_is_deterministic_from_seed():
 
 def test_assign_folds_warns_about_a_rare_modality_and_refuses_too_few_groups(caplog):
     ids, modalities, groups = _fold_inputs(n_groups=10)
-    with caplog.at_level(logging.WARNING, logger="nucleiseg.folds"):
+    with caplog.at_level(logging.WARNING, logger="nucleiseg.competition.folds"):
         frame = assign_folds(ids, modalities, groups, n_folds=5)
     assert "brightfield: 3 group(s) for 5 folds" in caplog.text
     assert (frame.groupby("group")["fold"].nunique() == 1).all()

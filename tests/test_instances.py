@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from nucleiseg.instances import (
+from nucleiseg.competition.metric import average_precision
+from nucleiseg.postprocessing.instances import (
     InstanceParams,
     Instances,
     instances_to_labels,
@@ -12,7 +13,6 @@ from nucleiseg.instances import (
     resolve_overlaps,
     suppress_duplicates,
 )
-from nucleiseg.metric import average_precision
 
 SHAPE = (64, 80)
 

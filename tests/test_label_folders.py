@@ -7,18 +7,19 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from nucleiseg import data
-from nucleiseg.checks import training_problems
-from nucleiseg.config import load_config
-from nucleiseg.data import DataError, Sample
-from nucleiseg.dataset import load_samples
-from nucleiseg.sources import (
+from nucleiseg.competition.truth import load_truth
+from nucleiseg.data import reading
+from nucleiseg.data.dataset import load_samples
+from nucleiseg.data.reading import DataError, Sample
+from nucleiseg.data.sources import (
     ExtraSource,
     LoadedSource,
     mix_probabilities,
     parse_sources,
     tile_sample,
 )
+from nucleiseg.models.config import load_config
+from nucleiseg.training.checks import training_problems
 
 
 def _labels(shape=(40, 50), centers=((10, 10), (25, 30)), radius=5) -> np.ndarray:
@@ -43,18 +44,18 @@ def _pair(root: Path, name: str, labels: np.ndarray, suffix: str = ".png") -> No
 def test_a_folder_pair_reads_as_images_with_their_label_images(tmp_path):
     _pair(tmp_path, "b", _labels())
     _pair(tmp_path, "a", _labels(centers=((30, 40),)), suffix=".tif")
-    images = data.find_images(tmp_path)
+    images = reading.find_images(tmp_path)
     assert list(images) == ["a", "b"]
-    sample = data.load_sample("b", images["b"])
+    sample = reading.load_sample("b", images["b"])
     assert sample.image.shape == (40, 50, 3) and sample.labels.dtype == np.int32
     np.testing.assert_array_equal(sample.labels, _labels())  # 16-bit values kept (700)
-    assert sorted(np.unique(data.labels_of(images["a"]))) == [0, 3]
-    truth = data.load_truth(tmp_path)
+    assert sorted(np.unique(reading.labels_of(images["a"]))) == [0, 3]
+    truth = load_truth(tmp_path)
     assert list(truth) == ["a", "b"]
     assert [s.image_id for s in load_samples(tmp_path)] == ["a", "b"]
-    data.check_labelled(images)
+    reading.check_labelled(images)
     # A dataset root whose training folder is a folder pair (no stage1_train/).
-    assert data.labelled_root(tmp_path) == tmp_path
+    assert reading.labelled_root(tmp_path) == tmp_path
 
 
 @pytest.mark.parametrize(
@@ -71,11 +72,11 @@ def test_bad_label_images_are_named(tmp_path, make, message):
     _pair(tmp_path, "ok", _labels())
     _pair(tmp_path, "bad", _labels())
     make(tmp_path / "labels" / "bad.png")
-    images = data.find_images(tmp_path)
+    images = reading.find_images(tmp_path)
     with pytest.raises(DataError, match=message) as caught:
-        data.load_sample("bad", images["bad"])
+        reading.load_sample("bad", images["bad"])
     assert "bad" in str(caught.value)
-    data.load_sample("ok", images["ok"])
+    reading.load_sample("ok", images["ok"])
 
 
 def test_float_labels_must_be_whole_numbers(tmp_path):
@@ -83,10 +84,10 @@ def test_float_labels_must_be_whole_numbers(tmp_path):
     whole = _labels(shape).astype(np.float32)
     path = tmp_path / "labels" / "w.tif"
     _write(path, whole)
-    np.testing.assert_array_equal(data.read_label_image(path, shape), _labels(shape))
+    np.testing.assert_array_equal(reading.read_label_image(path, shape), _labels(shape))
     _write(path, whole + 0.5)
     with pytest.raises(DataError, match="non-integer"):
-        data.read_label_image(path, shape)
+        reading.read_label_image(path, shape)
 
 
 def test_check_labelled_lists_every_image_without_labels(tmp_path):
@@ -95,7 +96,7 @@ def test_check_labelled_lists_every_image_without_labels(tmp_path):
     (tmp_path / "labels" / "a.png").unlink()
     (tmp_path / "labels" / "c.png").unlink()
     with pytest.raises(DataError, match="2 of 3 images have no labels") as caught:
-        data.check_labelled(data.find_images(tmp_path))
+        reading.check_labelled(reading.find_images(tmp_path))
     assert "a.png" in str(caught.value) and "c.png" in str(caught.value)
 
 

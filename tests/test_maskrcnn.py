@@ -9,20 +9,20 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 
-from nucleiseg import oof
-from nucleiseg.data import Sample
-from nucleiseg.dataset import to_tensor
-from nucleiseg.family import get_family
-from nucleiseg.instances import InstanceParams, SoftInstances, instances_to_labels
-from nucleiseg.maskrcnn import (
+from nucleiseg.competition.metric import average_precision
+from nucleiseg.data.dataset import to_tensor
+from nucleiseg.data.reading import Sample
+from nucleiseg.inference import oof
+from nucleiseg.inference.family import get_family
+from nucleiseg.models.build import build_model, load_weights
+from nucleiseg.models.maskrcnn import (
     MaskRCNNParams,
     detection_targets,
     input_scale,
     paste_masks,
     rescale_sample,
 )
-from nucleiseg.metric import average_precision
-from nucleiseg.models import build_model, load_weights
+from nucleiseg.postprocessing.instances import InstanceParams, SoftInstances, instances_to_labels
 
 
 def _discs(centers, radius=7, shape=(64, 64)):

@@ -4,7 +4,7 @@ from skimage.draw import disk, rectangle
 from skimage.morphology import erosion
 from skimage.segmentation import expand_labels
 
-from nucleiseg.metric import (
+from nucleiseg.competition.metric import (
     THRESHOLDS,
     ImageScore,
     average_precision,

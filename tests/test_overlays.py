@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from nucleiseg.data import read_image
-from nucleiseg.overlays import OUTLINE_RGB, draw_outlines, write_overlay
+from nucleiseg.data.overlays import OUTLINE_RGB, draw_outlines, write_overlay
+from nucleiseg.data.reading import read_image
 
 
 def test_outlines_ring_each_nucleus_inside_it(tmp_path):

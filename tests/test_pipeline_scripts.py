@@ -12,15 +12,19 @@ import yaml
 from helpers import TINY_MASKRCNN, run_script, write_labelled
 from skimage.draw import disk
 
-from nucleiseg import ablation, data, oof, reference, runs
-from nucleiseg.ablation import CACHE_DIR, views_key
-from nucleiseg.ensemble import segment_images
-from nucleiseg.evaluation import evaluate_run
-from nucleiseg.family import get_family, load_params, run_config
-from nucleiseg.inference import InferenceOptions
-from nucleiseg.postprocess import PostprocessParams
-from nucleiseg.targets import make_targets
-from nucleiseg.tuning import coordinate_search, mean_score
+from nucleiseg.data import reading
+from nucleiseg.data.targets import make_targets
+from nucleiseg.evaluation import ablation
+from nucleiseg.evaluation.ablation import CACHE_DIR, views_key
+from nucleiseg.evaluation.summary import evaluate_run
+from nucleiseg.inference import oof
+from nucleiseg.inference.ensemble import segment_images
+from nucleiseg.inference.family import get_family, load_params, run_config
+from nucleiseg.inference.predictor import InferenceOptions
+from nucleiseg.models import runs
+from nucleiseg.postprocessing.tuning import coordinate_search, mean_score
+from nucleiseg.postprocessing.watershed import PostprocessParams
+from nucleiseg.training import reference
 
 N_IMAGES = 6
 
@@ -57,10 +61,10 @@ def trained_run(request, tmp_path_factory):
     data_dir = root / "data"
     ids = [f"img{i}" for i in range(N_IMAGES)]
     write_labelled(
-        data_dir / data.TRAIN_STAGE, {image_id: _discs(i) for i, image_id in enumerate(ids)}
+        data_dir / reading.TRAIN_STAGE, {image_id: _discs(i) for i, image_id in enumerate(ids)}
     )
     write_labelled(
-        data_dir / data.TEST_STAGE, {f"test{i}": _discs(100 + i) for i in range(N_IMAGES)}
+        data_dir / reading.TEST_STAGE, {f"test{i}": _discs(100 + i) for i in range(N_IMAGES)}
     )
     folds_csv = root / "folds.csv"
     pd.DataFrame(
@@ -123,7 +127,7 @@ def test_predict_writes_a_valid_submission_and_label_pngs(trained_run, tmp_path)
     out = tmp_path / "sub.csv"
     labels = run_script(
         "predict",
-        ["--runs", run_dir, "--images", data_dir / data.TEST_STAGE, "--out", out]
+        ["--runs", run_dir, "--images", data_dir / reading.TEST_STAGE, "--out", out]
         + ["--save-labels", tmp_path / "labels", "--device", "cpu"],
     )
     assert set(labels) == {f"test{i}" for i in range(N_IMAGES)}
@@ -138,15 +142,15 @@ def test_predict_with_views_and_tiles_writes_overlays(trained_run, tmp_path, cap
     out = tmp_path / "sub.csv"
     labels = run_script(
         "predict",
-        ["--runs", run_dir, "--images", data_dir / data.TEST_STAGE, "--out", out]
+        ["--runs", run_dir, "--images", data_dir / reading.TEST_STAGE, "--out", out]
         + ["--tta", "flip", "--scales", "1.0,1.25", "--tile", "64", "--overlap", "16"]
         + ["--save-overlays", tmp_path / "overlays", "--device", "cpu"],
     )
     assert len(labels) == N_IMAGES
     summary = capsys.readouterr().out.strip().splitlines()
     assert summary[-2].startswith(f"{N_IMAGES} images (64x64), ") and "s per image" in summary[-2]
-    overlay = data.read_image(tmp_path / "overlays" / "test0.png")
-    image = data.read_image(data_dir / data.TEST_STAGE / "test0" / "images" / "test0.png")
+    overlay = reading.read_image(tmp_path / "overlays" / "test0.png")
+    image = reading.read_image(data_dir / reading.TEST_STAGE / "test0" / "images" / "test0.png")
     assert overlay.shape == image.shape
     outline = np.all(overlay == (255, 255, 0), axis=-1)
     # Outlines are drawn inside the nuclei found, and only there.
@@ -338,7 +342,7 @@ def test_an_int8_bundle_is_smaller_and_predicts(trained_run, bundle, tmp_path):
         assert size < 0.7 * fp16_size
     labels = run_script(
         "predict",
-        ["--weights", small, "--images", data_dir / data.TEST_STAGE, "--out", tmp_path / "s.csv"]
+        ["--weights", small, "--images", data_dir / reading.TEST_STAGE, "--out", tmp_path / "s.csv"]
         + ["--device", "cpu"],
     )
     assert len(labels) == N_IMAGES
@@ -372,7 +376,7 @@ def test_folds_and_precision_are_chosen_per_run(trained_run, tmp_path):
 def test_predict_without_runs_uses_the_bundle(trained_run, bundle, tmp_path):
     run_dir, data_dir, _ = trained_run
     weights, _ = bundle
-    argv = ["--images", data_dir / data.TEST_STAGE, "--device", "cpu"]
+    argv = ["--images", data_dir / reading.TEST_STAGE, "--device", "cpu"]
     from_run = run_script("predict", argv + ["--runs", run_dir, "--out", tmp_path / "a.csv"])
     from_bundle = run_script("predict", argv + ["--weights", weights, "--out", tmp_path / "b.csv"])
     assert from_bundle.keys() == from_run.keys()
@@ -392,7 +396,7 @@ def test_the_bundle_keeps_its_inference_options_and_flags_override_them(trained_
     assert manifest["inference"] == expected | {"scales": list(expected["scales"])}
     assert reference.inference_options(weights).tta == "flip"
 
-    images = ["--images", data_dir / data.TEST_STAGE, "--device", "cpu"]
+    images = ["--images", data_dir / reading.TEST_STAGE, "--device", "cpu"]
     flip = run_script(
         "predict", images + ["--runs", run_dir, "--tta", "flip", "--out", tmp_path / "f.csv"]
     )

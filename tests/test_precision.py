@@ -4,8 +4,8 @@ import pytest
 import torch
 import yaml
 
-from nucleiseg import precision
-from nucleiseg.runs import RUN_INFO, write_run_info
+from nucleiseg.models import precision
+from nucleiseg.models.runs import RUN_INFO, write_run_info
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

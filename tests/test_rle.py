@@ -3,7 +3,7 @@ import pytest
 from skimage.draw import disk, ellipse
 
 from benchmarks.references import per_object_encode
-from nucleiseg import rle
+from nucleiseg.competition import rle
 
 
 def random_labels(rng, shape, n):

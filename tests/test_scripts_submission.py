@@ -4,8 +4,8 @@ import pytest
 from helpers import run_script, write_labelled
 from skimage.draw import disk
 
-from nucleiseg import metric
-from nucleiseg.submission import write_submission
+from nucleiseg.competition import metric
+from nucleiseg.competition.submission import write_submission
 
 
 @pytest.fixture

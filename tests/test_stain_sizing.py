@@ -7,17 +7,17 @@ import pytest
 from skimage.color import rgb2hed
 from skimage.draw import disk
 
-from nucleiseg import sizing
-from nucleiseg.augment import (
+from nucleiseg.data import sizing
+from nucleiseg.data.augment import (
     ColourParams,
     HaematoxylinOnly,
     StainFluorescence,
     StainJitter,
     train_transform,
 )
-from nucleiseg.ensemble import size_adapted_options
-from nucleiseg.inference import InferenceOptions
-from nucleiseg.modality import FLUORESCENCE, TISSUE, classify_modality
+from nucleiseg.data.modality import FLUORESCENCE, TISSUE, classify_modality
+from nucleiseg.inference.ensemble import size_adapted_options
+from nucleiseg.inference.predictor import InferenceOptions
 
 # Every colour step but the three stain steps switched off.
 GENERIC_COLOUR_OFF = dict.fromkeys(

@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 from skimage.draw import disk
 
-from nucleiseg import metric, submission
-from nucleiseg.submission import Problem, SubmissionError
+from nucleiseg.competition import metric, submission
+from nucleiseg.competition.submission import Problem, SubmissionError
 
 
 def disc_labels(shape, discs):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from nucleiseg.metric import average_precision
-from nucleiseg.postprocess import PostprocessParams, instances_from_probabilities
-from nucleiseg.targets import TargetParams, make_targets
+from nucleiseg.competition.metric import average_precision
+from nucleiseg.data.targets import TargetParams, make_targets
+from nucleiseg.postprocessing.watershed import PostprocessParams, instances_from_probabilities
 
 
 def _discs(centers, radius, shape=(64, 96)) -> np.ndarray:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from helpers import tiny_config
 
 from benchmarks.tile_context import box_mean, windowed_excitation
-from nucleiseg.models import build_model
+from nucleiseg.models.build import build_model
 
 
 def test_box_mean_is_the_mean_over_the_window_cut_at_the_borders():

@@ -12,22 +12,22 @@ from helpers import TINY_MASKRCNN, tiny_config, tiny_maskrcnn_config, write_item
 from skimage.draw import disk
 from torch import nn
 
-from nucleiseg.data import read_image
-from nucleiseg.dataset import to_tensor
-from nucleiseg.ensemble import segment_image, segment_images
-from nucleiseg.family import get_family, params_by_family
-from nucleiseg.inference import (
+from nucleiseg.competition.metric import average_precision
+from nucleiseg.data.dataset import to_tensor
+from nucleiseg.data.reading import read_image
+from nucleiseg.inference.ensemble import segment_image, segment_images
+from nucleiseg.inference.family import get_family, params_by_family
+from nucleiseg.inference.predictor import (
     FoldModel,
     InferenceOptions,
     fast_preset_models,
     load_fold_models,
     predict_probabilities,
 )
-from nucleiseg.instances import Instances, found_in, nms_indices, touching_pairs
-from nucleiseg.maskrcnn import MaskRCNNParams, build_maskrcnn
-from nucleiseg.metric import average_precision
-from nucleiseg.models import build_model
-from nucleiseg.tiling import STRIDE, tiles
+from nucleiseg.inference.tiling import STRIDE, tiles
+from nucleiseg.models.build import build_model
+from nucleiseg.models.maskrcnn import MaskRCNNParams, build_maskrcnn
+from nucleiseg.postprocessing.instances import Instances, found_in, nms_indices, touching_pairs
 
 CPU = torch.device("cpu")
 # A dense fluorescence image of the sample (151 nuclei, 256 x 320).

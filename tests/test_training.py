@@ -6,15 +6,17 @@ import pytest
 import torch
 from helpers import disc_sample, tiny_config, tiny_maskrcnn_config
 
-from nucleiseg import engine, oof, runs
-from nucleiseg.config import TrainConfig, load_config
-from nucleiseg.dataset import to_tensor
-from nucleiseg.family import get_family
-from nucleiseg.inference import predict_probabilities
-from nucleiseg.losses import bce_dice_loss, get_loss
-from nucleiseg.models import build_model, load_weights
-from nucleiseg.targets import make_targets
-from nucleiseg.tiling import pad_to_stride
+from nucleiseg.data.dataset import to_tensor
+from nucleiseg.data.targets import make_targets
+from nucleiseg.inference import oof
+from nucleiseg.inference.family import get_family
+from nucleiseg.inference.predictor import predict_probabilities
+from nucleiseg.inference.tiling import pad_to_stride
+from nucleiseg.models import runs
+from nucleiseg.models.build import build_model, load_weights
+from nucleiseg.models.config import TrainConfig, load_config
+from nucleiseg.models.losses import bce_dice_loss, get_loss
+from nucleiseg.training import engine
 
 
 def test_unetpp_output_shape_and_backward():

@@ -9,14 +9,14 @@ from skimage.draw import disk, polygon
 from torch import nn
 from torchvision.ops import roi_align
 
-from nucleiseg import tta
-from nucleiseg.dataset import to_tensor
-from nucleiseg.detection import detect
-from nucleiseg.inference import InferenceOptions, predict_probabilities
-from nucleiseg.instances import InstanceParams, instances_to_labels
-from nucleiseg.maskrcnn import MaskRCNNParams
-from nucleiseg.metric import average_precision
-from nucleiseg.tiling import blend_weights, predict_dense_tiled, tile_starts
+from nucleiseg.competition.metric import average_precision
+from nucleiseg.data.dataset import to_tensor
+from nucleiseg.inference import tta
+from nucleiseg.inference.detection import detect
+from nucleiseg.inference.predictor import InferenceOptions, predict_probabilities
+from nucleiseg.inference.tiling import blend_weights, predict_dense_tiled, tile_starts
+from nucleiseg.models.maskrcnn import MaskRCNNParams
+from nucleiseg.postprocessing.instances import InstanceParams, instances_to_labels
 
 CPU = torch.device("cpu")
 
@@ -172,7 +172,7 @@ class _ThresholdDetector(nn.Module):
         return outputs
 
     def detect(self, images, keep=None, count_scale=1.0):
-        """As :meth:`nucleiseg.maskrcnn.NucleusMaskRCNN.detect`: only the kept detections."""
+        """As :meth:`nucleiseg.models.maskrcnn.NucleusMaskRCNN.detect`: only the kept detections."""
         outputs = self(images)
         if keep is not None:
             for output, kept in zip(outputs, keep, strict=True):

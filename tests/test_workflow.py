@@ -11,9 +11,9 @@ import pytest
 import yaml
 from helpers import disc_sample, write_labelled
 
-from nucleiseg import runs
-from nucleiseg.config import load_config
-from nucleiseg.data import TEST_STAGE, TRAIN_STAGE
+from nucleiseg.data.reading import TEST_STAGE, TRAIN_STAGE
+from nucleiseg.models import runs
+from nucleiseg.models.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "workflow" / "Snakefile"

@@ -17,17 +17,17 @@ from typing import NoReturn
 USAGE_STATUS = 2
 FAILURE_STATUS = 1
 
-# Default paths the scripts share: the reference bundle (nucleiseg.reference reads
-# it) and the committed folds (nucleiseg.folds).
+# Default paths the scripts share: the reference bundle (nucleiseg.training.reference reads
+# it) and the committed folds (nucleiseg.competition.folds).
 WEIGHTS_DIR = Path("weights")
 DEFAULT_FOLDS_PATH = Path("folds/folds.csv")
 
-# The model families, for command-line choices; nucleiseg.family.FAMILIES has
+# The model families, for command-line choices; nucleiseg.inference.family.FAMILIES has
 # their code (a test keeps the two in step).
 MODEL_FAMILIES = ("unetpp", "maskrcnn")
 
 # Where a script runs, for ``--device``: ``auto`` takes a CUDA GPU when there is one
-# (nucleiseg.inference.resolve_device reads the name).
+# (nucleiseg.inference.predictor.resolve_device reads the name).
 DEVICES = ("auto", "cpu", "cuda")
 
 
