@@ -20,6 +20,7 @@ import torch
 
 from nucleiseg.competition.metric import average_precision
 from nucleiseg.data import reading
+from nucleiseg.data.label_files import label_files
 from nucleiseg.inference import oof
 from nucleiseg.inference.family import load_params
 from nucleiseg.inference.predictor import load_fold_models, predict_probabilities
@@ -39,7 +40,7 @@ def main(args: argparse.Namespace) -> None:
     (member,) = load_fold_models(args.fold_dir, device)
     params = load_params(args.fold_dir.parent)
     images = reading.find_images(args.data_dir / reading.TRAIN_STAGE)
-    ids = sorted(p.stem for p in (args.fold_dir / oof.OOF_DIR / oof.LABELS_DIR).glob("*.png"))
+    ids = list(label_files(args.fold_dir / oof.OOF_DIR / oof.LABELS_DIR))
     ids = ids[: args.limit] if args.limit else ids
     scores = {False: [], True: []}
     seconds = {False: 0.0, True: 0.0}

@@ -19,9 +19,16 @@ import shlex
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from nucleiseg import cli
 from nucleiseg.atomic import atomic_path
-from nucleiseg.evaluation.ablation import leaderboard_markdown, load_ablation, run_ablation
+from nucleiseg.evaluation.ablation import (
+    leaderboard_markdown,
+    load_ablation,
+    run_ablation,
+    update_leaderboard,
+)
 from nucleiseg.inference.predictor import resolve_device
 from nucleiseg.models.precision import describe_machine
 
@@ -33,6 +40,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, required=True, help="ablation YAML file")
     parser.add_argument("--out-dir", type=Path, default=Path("ablations/results"))
     parser.add_argument("--workers", type=int, default=2, help="processes for the instance step")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="score only the variants and external folders the written leaderboard lacks",
+    )
     cli.add_device_argument(parser)
     return parser
 
@@ -40,11 +52,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace):
     ablation = load_ablation(args.config)
     device = resolve_device(args.device)
-    results = run_ablation(ablation, device, args.workers)
+    written = args.out_dir / f"{ablation.name}.csv"
+    if args.update:
+        if not written.is_file():
+            raise SystemExit(f"error: --update: no leaderboard {written} to update")
+        earlier = pd.read_csv(written, dtype={"command": str}).fillna({"command": ""})
+        results = update_leaderboard(ablation, earlier, device, args.workers)
+    else:
+        results = run_ablation(ablation, device, args.workers)
     command = "python scripts/ablate.py --config " + shlex.quote(str(args.config))
     title = f"Ablation: {ablation.name}"
     markdown = leaderboard_markdown(results, title, command, describe_machine(device))
-    with atomic_path(args.out_dir / f"{ablation.name}.csv") as tmp:
+    with atomic_path(written) as tmp:
         results.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(args.out_dir / f"{ablation.name}.md") as tmp:
         tmp.write_text(markdown)

@@ -12,13 +12,17 @@
 or the competition layout with masks. Without ``--runs`` or ``--labels`` the
 reference bundle in ``weights/`` predicts, with the inference options of its
 manifest (flags override them). ``--folds`` keeps only some fold models of the
-runs (e.g. ``0`` to compare one fold-0 model with another). With ``--labels``
-no model runs: the label PNGs in that folder (named by image id) are scored.
+runs (e.g. ``0`` to compare one fold-0 model with another); the images are
+segmented through :class:`nucleiseg.api.Segmenter`. With ``--labels`` no model
+runs: the label images in that folder (``<id>.png`` or ``<id>.tif``, as
+``--save-labels`` and ``scripts/predict.py`` write them) are scored.
 Prints the mean AP (the competition metric) per image and per modality in the
 same style as the CV, and ends with ``<name> mean AP: <value>``. Every input
 and output is checked before any model loads (images and their labels, the
 runs or the bundle, the output paths): each problem is one ``error:`` line and
-the exit status is 2.
+the exit status is 2. If writing ``--save-labels`` fails, the saving stops with
+a warning, the scores are still printed, then the failure is one ``error:``
+line and the exit status is 1.
 
 MoNuSeg (Kumar et al., IEEE TMI 2017 and 2020; CC BY-NC-SA 4.0) is the
 held-out external check of this project: its ``test/`` never trains anything.
@@ -47,9 +51,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--weights", type=Path, default=cli.WEIGHTS_DIR, help="bundle used without --runs"
     )
     parser.add_argument("--folds", help="fold models to use: a number, a list or all (default)")
-    parser.add_argument("--labels", type=Path, help="score these saved label PNGs; no model")
+    parser.add_argument(
+        "--labels", type=Path, help="score these saved label images (<id>.png or .tif); no model"
+    )
     parser.add_argument("--name", help="name of the data in the last line (default: folder)")
-    parser.add_argument("--save-labels", type=Path, help="also write the label PNGs here")
+    parser.add_argument(
+        "--save-labels",
+        type=Path,
+        help="also write the label images here: <id>.png (uint16) when the labels fit, else "
+        "<id>.tif (uint32)",
+    )
     parser.add_argument("--per-image", type=Path, help="write per-image scores to this CSV")
     cli.add_device_argument(parser)
     add_option_arguments(parser)
@@ -64,6 +75,7 @@ def _data_name(folder: Path) -> str:
 def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, Path], list[Path], object, set]:
     """Images with labels, runs, options and folds, every problem refused at once (status 2)."""
     from nucleiseg.competition.folds import parse_fold_list
+    from nucleiseg.data.label_files import label_file
     from nucleiseg.inference.options import given_options
     from nucleiseg.inference.predictor import InferenceOptions, with_options
     from nucleiseg.models.runs import fold_dirs
@@ -75,10 +87,14 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, Path], list[Path]
     problems += found
     runs, options, folds = [], None, None
     if args.labels is not None:
-        missing = [i for i in images if not (args.labels / f"{i}.png").is_file()]
+        try:
+            missing = [i for i in images if label_file(args.labels, i) is None]
+        except reading.DataError as error:
+            problems.append(str(error))
+            missing = []
         if missing:
             shown = f"{len(missing)} images, e.g. {missing[0]}"
-            problems.append(f"{args.labels}: no label PNG for {shown}")
+            problems.append(f"{args.labels}: no label image (.png or .tif) for {shown}")
         cli.refuse_if(problems)
         return images, runs, options, folds
     runs, found = model_problems(args.runs, args.weights)
@@ -97,52 +113,50 @@ def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, Path], list[Path]
 
 def main(args: argparse.Namespace) -> float:
     from nucleiseg.atomic import WriteError, atomic_path
+    from nucleiseg.data.side_outputs import SideOutputs
     from nucleiseg.evaluation.summary import print_external_report, score_labelled
 
     images, runs, options, folds = _check_inputs(args)
+    outputs = SideOutputs(labels=args.save_labels)
     with cli.refusing(reading.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
         if args.labels is not None:
             predictions, modalities = _saved(args, images)
         else:
-            predictions, modalities = _predicted(args, images, runs, options, folds)
+            predictions, modalities = _predicted(args, images, runs, options, folds, outputs)
         per_image = score_labelled(predictions, args.images, modalities)
         if args.per_image:
             with atomic_path(args.per_image) as tmp:
                 per_image.to_csv(tmp, index=False, float_format="%.6g")
-    return print_external_report(per_image, args.name or _data_name(args.images))
+    score = print_external_report(per_image, args.name or _data_name(args.images))
+    if outputs.failure:
+        cli.refuse([outputs.failure], status=cli.FAILURE_STATUS)
+    return score
 
 
 def _saved(args: argparse.Namespace, images: dict[str, Path]) -> tuple[dict, dict]:
-    """Saved label PNGs and each image's modality; no model."""
+    """Saved label images and each image's modality; no model."""
+    from nucleiseg.data.label_files import label_file, read_label_file
     from nucleiseg.data.modality import classify_modality
-    from nucleiseg.inference.oof import read_label_png
 
-    predictions = {i: read_label_png(args.labels / f"{i}.png") for i in images}
+    predictions = {i: read_label_file(label_file(args.labels, i)) for i in images}
     modalities = {i: classify_modality(reading.read_image(path)) for i, path in images.items()}
     return predictions, modalities
 
 
-def _predicted(args, images, runs, options, folds) -> tuple[dict, dict]:
+def _predicted(args, images, runs, options, folds, outputs) -> tuple[dict, dict]:
     """Label images segmented now by the runs' fold models, and each image's modality."""
+    from nucleiseg.api import Segmenter
     from nucleiseg.data.modality import classify_modality
-    from nucleiseg.inference.ensemble import segment_images
-    from nucleiseg.inference.family import params_by_family
-    from nucleiseg.inference.oof import write_label_png
-    from nucleiseg.inference.predictor import load_fold_models, resolve_device
 
-    device = resolve_device(args.device)
-    models = [m for run in runs for m in load_fold_models(run, device, folds)]
+    segmenter = Segmenter.from_runs(runs, device=args.device, folds=folds, options=options)
     names = ", ".join(Path(r).name for r in runs)
-    log.info("%d models (%s), %d images", len(models), names, len(images))
-    modalities = {}
-
-    def save(image_id, image, labels) -> None:
-        modalities[image_id] = classify_modality(image)
-        if args.save_labels:
-            write_label_png(args.save_labels / f"{image_id}.png", labels)
-
+    log.info("%d models (%s), %d images", len(segmenter.members()), names, len(images))
+    predictions, modalities = {}, {}
     started = time.perf_counter()
-    predictions = segment_images(models, images, params_by_family(runs), device, options, save)
+    for image_id, image, labels in segmenter.segment_files(images):
+        predictions[image_id] = labels
+        modalities[image_id] = classify_modality(image)
+        outputs(image_id, image, labels)
     print(f"{(time.perf_counter() - started) / len(images):.2f} s per image")
     return predictions, modalities
 

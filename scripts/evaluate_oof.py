@@ -11,6 +11,11 @@ README's table; with ``--per-threshold`` the precision at each IoU threshold
 and the tp/fp/fn counts at 0.5, per modality), and ends with ``cv: <value>``.
 With ``--params`` the label images are made again from the saved raw outputs
 (probability maps or soft instances, not committed) with other thresholds.
+
+A folds file that disagrees with the images a fold recorded it trained on
+and held out (its ``split.csv``) is refused with one ``error:`` line, exit
+status 2: its scores would count images the models trained on. Runs trained
+before the record was kept are scored as they are, with one INFO line.
 """
 
 from __future__ import annotations

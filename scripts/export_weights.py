@@ -13,6 +13,12 @@ out-of-fold labels, and writes ``manifest.yaml`` with every file's size and
 sha256 and every member's CV, training time, data and seed. Refuses a bundle
 larger than ``--max-megabytes``. The old bundle stays in place until the new
 one is complete.
+
+``--out`` is replaced whole, so it must be new, empty or a bundle, and neither
+a run given nor inside one of its fold folders; every weights file must match
+the checksum recorded when it was written; and a second export into the same
+``--out`` while one runs is refused at once (see ``nucleiseg.locks``). Each
+problem is printed on its own ``error:`` line before any work.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from nucleiseg import cli
+from nucleiseg.atomic import WriteError
 from nucleiseg.competition.folds import DEFAULT_FOLDS_PATH, parse_fold_list, read_folds
 from nucleiseg.inference.options import add_option_arguments, given_options
 from nucleiseg.models.compact import PRECISIONS
-from nucleiseg.training.reference import WEIGHTS_DIR, BundlePart, export
+from nucleiseg.training.reference import WEIGHTS_DIR, BundlePart, export, export_problems
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,7 +64,8 @@ def _per_run(values: list, runs: list[Path], flag: str) -> list:
 
 def main(args: argparse.Namespace) -> dict:
     command = "python scripts/export_weights.py " + shlex.join(sys.argv[1:])
-    try:
+    cli.refuse_if(f"--runs: {run} is not a folder" for run in args.runs if not run.is_dir())
+    with cli.refusing(ValueError):
         folds = [None]
         if args.folds:
             available = read_folds(args.folds_csv)["fold"]
@@ -70,6 +79,11 @@ def main(args: argparse.Namespace) -> dict:
                 strict=True,
             )
         ]
+    cli.refuse_if(export_problems(parts, args.out))
+    with (
+        cli.refusing(ValueError, FileNotFoundError),
+        cli.refusing(WriteError, status=cli.FAILURE_STATUS),
+    ):
         manifest = export(
             parts,
             args.out,
@@ -79,8 +93,6 @@ def main(args: argparse.Namespace) -> dict:
             note=command,
             inference=given_options(args),
         )
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
     members = pd.DataFrame(manifest["members"])
     columns = ["run", "fold", "precision", "oof_cv", "oof_images", "train_minutes", "epochs"]
     print(members[columns].to_string(index=False))

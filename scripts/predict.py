@@ -8,6 +8,8 @@
         --images ../shared/data/dsb2018/stage1_test --out submissions/stage1_test_ens.csv \
         --tta d4 --scales 1.0,1.25 --save-labels predictions/labels \
         --save-overlays predictions/overlays --save-outlines predictions/outlines
+    python scripts/predict.py --images my_tissue_ome_tiffs --pixel-size auto --fast \
+        --out predictions/tissue.csv --save-labels predictions/labels --save-rois predictions/rois
     python scripts/predict.py --oof --runs runs/unetpp_effb0 --tta flip --out-dir runs/oof_flip
 
 Without ``--runs``, the reference ensemble bundled in ``weights/`` predicts,
@@ -22,7 +24,23 @@ test-time views. U-Net++ folds are averaged as probabilities, Mask R-CNN folds
 merged by vote, and the two families merged by ``--merge``; each run's tuned
 thresholds are used (its ``postprocess.yaml``, that of the run above when
 ``--runs`` names one fold folder). ``--images`` is a folder in the
-competition layout or a plain folder of PNG/TIFF files.
+competition layout or a plain folder of PNG/TIFF files (OME-TIFF included).
+The images are segmented through :class:`nucleiseg.api.Segmenter`, as
+``nucleiseg.load(...).segment(image)`` segments them in Python.
+
+``--pixel-size`` rescales every image to the pixel size the models are taken to
+have trained at (0.25 micron; see :mod:`nucleiseg.data.sizing`): a number of
+microns for every image, or ``auto`` for each image's own, read from its OME-TIFF
+or ImageJ TIFF metadata. The submission's record, ``<out>.yaml`` beside it,
+keeps the models, the options and each image's pixel size.
+
+Side outputs, each one file per image named by its id: ``--save-labels``
+(``<id>.png``, uint16, when the labels fit, else ``<id>.tif``, uint32;
+``--label-format tif`` for TIFF always), ``--save-overlays``,
+``--save-outlines`` (GeoJSON for QuPath) and ``--save-rois`` (ImageJ ROI zip).
+If one fails, the side outputs stop with a warning, the images are still
+segmented and the submission is written, then the failure is one ``error:``
+line and the exit status is 1.
 
 Every input and output is checked before any model loads: the output paths,
 every image's header, the bundle against its manifest or each run's configs
@@ -41,11 +59,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 
 from nucleiseg import cli
 from nucleiseg.data import reading
+from nucleiseg.data.sizing import TRAIN_PIXEL_SIZE
 
 log = logging.getLogger("predict")
 
@@ -64,11 +84,42 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=reading.SAMPLE_DIR / reading.TEST_STAGE,
         help="images to segment",
     )
-    parser.add_argument("--out", type=Path, help="submission CSV to write")
-    parser.add_argument("--save-labels", type=Path, help="also write uint16 label PNGs here")
+    parser.add_argument(
+        "--out", type=Path, help="submission CSV to write (its record beside it: <out>.yaml)"
+    )
+    parser.add_argument(
+        "--save-labels",
+        type=Path,
+        help="also write label images here: <id>.png (uint16) when the labels fit, else "
+        "<id>.tif (uint32, for more than 65,535 nuclei)",
+    )
+    parser.add_argument(
+        "--label-format",
+        choices=("png", "tif"),
+        default="png",
+        help="png: as --save-labels says; tif: TIFF always (uint16, uint32 when needed)",
+    )
     parser.add_argument("--save-overlays", type=Path, help="also write outline overlays here")
     parser.add_argument(
-        "--save-outlines", type=Path, help="also write GeoJSON outlines (QuPath) here"
+        "--save-outlines",
+        type=Path,
+        help="also write GeoJSON outlines here, one Polygon detection per nucleus "
+        "(QuPath: File > Import objects)",
+    )
+    parser.add_argument(
+        "--save-rois",
+        type=Path,
+        help="also write ImageJ ROI zips of the outlines here (Fiji: File > Open)",
+    )
+    parser.add_argument(
+        "--pixel-size",
+        type=_pixel_size,
+        metavar="auto|MICRONS",
+        help=f"rescale the images from this pixel size to the {TRAIN_PIXEL_SIZE} micron "
+        "assumed for the models: DSB 2018 records no pixel size, and the bundle also trained "
+        "on MoNuSeg at its 0.25 micron (40x H&E), whose nuclei match the DSB ones in pixels; "
+        "auto: each image's own, from its OME-TIFF or ImageJ TIFF metadata "
+        "(not with --size-adaptive or --oof)",
     )
     cli.add_device_argument(parser)
     parser.add_argument("--oof", action="store_true", help="predict the runs' OOF images")
@@ -85,21 +136,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _writer(args: argparse.Namespace):
-    """The per-image callback: label PNGs, overlays and GeoJSON outlines, as asked."""
-    from nucleiseg.data.outlines import write_outlines
-    from nucleiseg.data.overlays import write_overlay
-    from nucleiseg.inference.oof import write_label_png
+def _pixel_size(text: str) -> str | float:
+    """``auto`` or a positive number of microns, for ``--pixel-size``."""
+    if text == "auto":
+        return text
+    try:
+        microns = float(text)
+    except ValueError:
+        microns = math.nan
+    if not (math.isfinite(microns) and microns > 0):
+        raise argparse.ArgumentTypeError(f"expected auto or a positive number, got {text!r}")
+    return microns
 
-    def write(image_id: str, image, labels) -> None:
-        if args.save_labels:
-            write_label_png(args.save_labels / f"{image_id}.png", labels)
-        if args.save_overlays:
-            write_overlay(args.save_overlays / f"{image_id}.png", image, labels)
-        if args.save_outlines:
-            write_outlines(args.save_outlines / f"{image_id}.geojson", labels)
 
-    return write
+def _flag(name: str) -> str:
+    """The command-line flag of an option of :data:`nucleiseg.api.OPTION_NAMES`."""
+    return "--" + name.replace("_", "-")
+
+
+def _side_outputs(args: argparse.Namespace):
+    """The per-image side outputs asked for (:class:`nucleiseg.data.side_outputs.SideOutputs`)."""
+    from nucleiseg.data.side_outputs import SideOutputs
+
+    return SideOutputs(
+        labels=args.save_labels,
+        overlays=args.save_overlays,
+        outlines=args.save_outlines,
+        rois=args.save_rois,
+        tiff_labels=args.label_format == "tif",
+    )
+
+
+def _record_path(args: argparse.Namespace) -> Path | None:
+    """Where the submission's record goes: ``<out>.yaml``."""
+    return None if args.out is None else args.out.with_suffix(".yaml")
 
 
 def _summary(labels: dict, seconds: float, shapes: set) -> str:
@@ -156,61 +226,92 @@ class _Inputs:
     runs: list[Path]
     images: dict[str, Path]
     params: dict
-    options: object
+    base: object
+    given: dict
+    settings: object
     device: object
+    pixel_sizes: dict[str, float]
     data_dir: Path | None = None
     fold_of: dict[str, int] | None = None
 
 
 def _check_inputs(args: argparse.Namespace) -> _Inputs:
     """Check outputs, runs or bundle, images and options; refuse (status 2) naming every problem."""
+    from nucleiseg.api import OPTION_NAMES, resolve_settings
     from nucleiseg.inference.family import params_by_family
-    from nucleiseg.inference.options import FAST_VIEWS, given_options
-    from nucleiseg.inference.predictor import InferenceOptions, resolve_device, with_options
-    from nucleiseg.training.checks import image_problems, model_problems, output_problems
+    from nucleiseg.inference.predictor import InferenceOptions, resolve_device
+    from nucleiseg.training.checks import (
+        image_problems,
+        model_problems,
+        output_problems,
+        split_problems,
+    )
     from nucleiseg.training.reference import inference_options
 
     problems = []
+    side = [args.save_labels, args.save_overlays, args.save_outlines, args.save_rois]
     if args.oof:
         if args.out_dir is None:
             problems.append("--oof needs --out-dir")
-        problems += output_problems(
-            folders=[args.out_dir, args.save_labels, args.save_overlays, args.save_outlines]
-        )
+        if args.pixel_size is not None:
+            problems.append("--pixel-size: the --oof images are the training images; leave it out")
+        problems += output_problems(folders=[args.out_dir, *side])
     else:
         if args.out is None:
             problems.append("--out is required (or --oof with --out-dir)")
-        problems += output_problems(
-            [args.out], [args.save_labels, args.save_overlays, args.save_outlines]
-        )
+        problems += output_problems([args.out, _record_path(args)], side)
     runs, found = model_problems(args.runs, args.weights)
     problems += found
     data_dir, fold_of = None, None
     if args.oof:
         data_dir, images, fold_of, found = _oof_inputs(args, runs)
+        found += split_problems(runs, fold_of, args.folds_csv)
     else:
         images, found = image_problems(args.images)
     problems += found
-    options = device = params = None
-    try:
-        given = given_options(args)
-    except ValueError as error:  # the only flag parsed here
-        problems.append(f"--scales {args.scales}: {error}")
-        given = {}
-    if args.fast:
-        if args.tta is not None or args.scales is not None:
-            problems.append("--fast has no test-time views: leave out --tta and --scales")
-        given |= FAST_VIEWS
+    pixel_sizes, found = _pixel_sizes(None if args.oof else args.pixel_size, images)
+    problems += found
+    given = {name: getattr(args, name) for name in OPTION_NAMES if name != "pixel_size"}
+    base = settings = device = params = None
     try:
         base = inference_options(args.weights) if runs and not args.runs else InferenceOptions()
-        options = with_options(base, given)
+        settings = resolve_settings(base, given, _flag)
+        for size in sorted(set(pixel_sizes.values())):
+            resolve_settings(base, given | {"pixel_size": size}, _flag)
+    except (reading.DataError, ValueError) as error:
+        problems.append(str(error))
+    try:
         device = resolve_device(args.device)
         if runs and not problems:
             params = params_by_family(runs)
     except (reading.DataError, ValueError, RuntimeError) as error:
         problems.append(str(error))
     cli.refuse_if(problems)
-    return _Inputs(runs, images, params, options, device, data_dir, fold_of)
+    return _Inputs(
+        runs, images, params, base, given, settings, device, pixel_sizes, data_dir, fold_of
+    )
+
+
+def _pixel_sizes(given: str | float | None, images: dict[str, Path]) -> tuple[dict, list[str]]:
+    """Each image's microns per pixel for ``--pixel-size`` (none without it), and the problems:
+    with ``auto``, every image whose metadata records none."""
+    from nucleiseg.data.sizing import read_pixel_size
+
+    if given != "auto":
+        return ({} if given is None else dict.fromkeys(images, given)), []
+    sizes, problems = {}, []
+    for image_id, path in images.items():
+        try:
+            sizes[image_id] = read_pixel_size(path)
+        except reading.DataError as error:
+            problems.append(str(error))
+            continue
+        if sizes[image_id] is None:
+            problems.append(
+                f"{path}: records no pixel size (--pixel-size auto reads OME-TIFF and ImageJ "
+                "TIFF metadata); give --pixel-size MICRONS"
+            )
+    return {i: size for i, size in sizes.items() if size is not None}, problems
 
 
 def main(args: argparse.Namespace):
@@ -227,33 +328,62 @@ def main(args: argparse.Namespace):
         log.info("%s: %s, thresholds from %s", run, run_config(run).model, source)
     for name, thresholds in inputs.params.items():
         log.info("%s thresholds: %s", name, _changed(thresholds))
-    log.info("%d images; inference options: %s", len(inputs.images), _changed(inputs.options))
+    log.info(
+        "%d images; inference options: %s", len(inputs.images), _changed(inputs.settings.options)
+    )
     with cli.refusing(reading.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
         return _predict_oof(args, inputs) if args.oof else _predict(args, inputs)
 
 
 def _predict(args: argparse.Namespace, inputs: _Inputs) -> dict:
-    """Segment the images, writing each one's outputs as it comes, then the submission."""
-    from nucleiseg.competition.submission import write_submission
-    from nucleiseg.inference.ensemble import segment_images
-    from nucleiseg.inference.predictor import fast_preset_models, load_fold_models
+    """Segment the images, writing each one's side outputs as it comes, then the submission."""
+    import yaml
 
-    device = inputs.device
-    models = [member for run in inputs.runs for member in load_fold_models(run, device)]
-    if args.fast:
-        models = fast_preset_models(models)
-    log.info("%d fold models", len(models))
-    started = time.perf_counter()
-    labels = segment_images(
-        models, inputs.images, inputs.params, device, inputs.options, _writer(args)
+    from nucleiseg.api import Segmenter
+    from nucleiseg.atomic import WriteError, write_text
+    from nucleiseg.competition.submission import write_submission
+
+    segmenter = Segmenter.from_runs(
+        inputs.runs, device=inputs.device, options=inputs.base, **inputs.given
     )
+    log.info("%d fold models", len(segmenter.members()))
+    outputs = _side_outputs(args)
+    started = time.perf_counter()
+    labels = {}
+    for image_id, image, found in segmenter.segment_files(inputs.images, inputs.pixel_sizes):
+        labels[image_id] = found
+        outputs(image_id, image, found)
     seconds = time.perf_counter() - started
-    write_submission(labels, args.out)
+    try:
+        write_submission(labels, args.out)
+        write_text(_record_path(args), yaml.safe_dump(_record(args, inputs), sort_keys=False))
+    except WriteError as error:
+        cli.refuse([p for p in (outputs.failure, str(error)) if p], status=cli.FAILURE_STATUS)
     shapes = {reading.image_size(p) for p in inputs.images.values()}
     print(f"{_summary(labels, seconds, shapes)} -> {args.out}")
     if args.save_overlays:
         print(f"overlays: {args.save_overlays}")
+    if outputs.failure:
+        cli.refuse([outputs.failure], status=cli.FAILURE_STATUS)
     return labels
+
+
+def _record(args: argparse.Namespace, inputs: _Inputs) -> dict:
+    """The submission's record: images, models, options and the images' pixel sizes."""
+    from nucleiseg.models.config import plain
+
+    models = (
+        {"runs": [str(run) for run in args.runs]} if args.runs else {"weights": str(args.weights)}
+    )
+    record = {
+        "images": str(args.images),
+        **models,
+        "fast": args.fast,
+        "inference": plain(dataclasses.asdict(inputs.settings.options)),
+    }
+    if inputs.pixel_sizes:
+        record["pixel_size"] = {"training": TRAIN_PIXEL_SIZE, "images": inputs.pixel_sizes}
+    return record
 
 
 def _predict_oof(args: argparse.Namespace, inputs: _Inputs) -> float:
@@ -265,6 +395,7 @@ def _predict_oof(args: argparse.Namespace, inputs: _Inputs) -> float:
     device = inputs.device
     models = [member for run in inputs.runs for member in load_fold_models(run, device)]
     folds = {m.fold for m in models}
+    outputs = _side_outputs(args)
     if args.fast:
         models = [fast_preset_models([m for m in models if m.fold == k])[0] for k in sorted(folds)]
     log.info("%d fold models", len(models))
@@ -277,14 +408,17 @@ def _predict_oof(args: argparse.Namespace, inputs: _Inputs) -> float:
         device,
         args.out_dir,
         inputs.data_dir,
-        inputs.options,
-        _writer(args),
+        inputs.settings.options,
+        outputs,
     )
     for fold, (labels, seconds) in results.items():
         shapes = {reading.image_size(images[i]) for i in labels}
         print(f"fold {fold}: {_summary(labels, seconds, shapes)}")
     per_image = evaluate_run(args.out_dir, inputs.data_dir, args.folds_csv)
-    return print_cv_report(per_image)
+    cv = print_cv_report(per_image)
+    if outputs.failure:
+        cli.refuse([outputs.failure], status=cli.FAILURE_STATUS)
+    return cv
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ Run from the repository root::
 The truth is a labelled folder (the competition layout with masks, or
 ``images/`` + ``labels/`` label images), a solution CSV with Height/Width, or
 a train-labels CSV plus ``--images`` for the sizes. The submission is
-validated against the truth's images first; its problems are
-printed and the exit status is 1 if it is invalid. The last line printed is
-``score: <value>``. An unusable truth, image folder or ``--per-image`` path is
-one ``error:`` line each and exit status 2, before anything is scored.
+validated against the truth's images first. The last line printed is
+``score: <value>``. An invalid submission (one ``error:`` line per problem),
+an unusable truth, image folder or ``--per-image`` path stops the command
+with exit status 2 before anything is scored.
 """
 
 import argparse
@@ -55,9 +55,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         predicted = submission.read_submission(args.submission, sizes)
     except submission.SubmissionError as error:
-        for problem in error.problems:
-            print(problem)
-        return 1
+        cli.refuse(error.problems)
     result = submission.score_submission(predicted, truth)
     if args.per_image is not None:
         with cli.refusing(OSError, status=cli.FAILURE_STATUS):

@@ -7,7 +7,7 @@
     torchrun --nproc-per-node 4 scripts/train.py --model unetpp --fold 0 --device cuda
 
 Each fold writes to ``<out-dir>/fold<K>/`` (default ``runs/<experiment>/fold<K>/``):
-config.yaml, run.yaml, epochs.csv, last.ckpt, best.ckpt, weights_fp16.pt and
+config.yaml, run.yaml, split.csv, epochs.csv, last.ckpt, best.ckpt, weights_fp16.pt and
 oof/ (see ``nucleiseg.inference.oof``). Score the out-of-fold predictions with
 ``scripts/evaluate_oof.py runs/<experiment>``.
 
@@ -19,8 +19,10 @@ rank 0 alone validates and writes, and ``--resume`` works as in one process
 
 The configuration, the run folder, the dataset's images (headers) and labels,
 the folds file and the weights to start from are checked before any image is
-read or model built; each problem is printed on its own ``error:`` line and
-the exit status is 2.
+read or model built, and with ``--resume`` that each fold goes on with the
+settings and the folds it was started with (its config.yaml and split.csv;
+only ``--epochs`` and ``num_workers`` may change); each problem is printed on
+its own ``error:`` line and the exit status is 2.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ With ``--apply`` the out-of-fold label images are rewritten with the tuned
 thresholds, so that ``scripts/evaluate_oof.py`` reports the tuned CV. The
 thresholds are chosen on these same out-of-fold images (a handful of numbers
 over hundreds of images, so the optimism is small), never on test images.
+
+A run folder without out-of-fold outputs, a missing dataset or an unreadable
+configuration is one ``error:`` line and exit status 2, before any work.
 """
 
 from __future__ import annotations
@@ -58,19 +61,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    folds = oof.oof_fold_dirs(args.run_dir)
-    if args.folds:
-        absent = sorted(set(args.folds) - set(folds))
-        if absent:
-            raise SystemExit(f"{args.run_dir}: no OOF outputs for fold(s) {absent}")
-        folds = {k: folds[k] for k in args.folds}
-    first = next(iter(folds.values()))
-    data_dir = args.data_dir or Path(read_run_info(first)["data_dir"])
-    config = load_config(first / CONFIG)
-    family = get_family(config.model)
-    start = family.params(config)
-    images = reading.find_images(reading.labelled_root(data_dir))
-    device = resolve_device(args.device)
+    with cli.refusing(reading.DataError, FileNotFoundError, ValueError, RuntimeError):
+        folds = oof.oof_fold_dirs(args.run_dir)
+        if args.folds:
+            absent = sorted(set(args.folds) - set(folds))
+            if absent:
+                cli.refuse([f"{args.run_dir}: no OOF outputs for fold(s) {absent}"])
+            folds = {k: folds[k] for k in args.folds}
+        first = next(iter(folds.values()))
+        data_dir = args.data_dir or Path(read_run_info(first)["data_dir"])
+        config = load_config(first / CONFIG)
+        family = get_family(config.model)
+        start = family.params(config)
+        images = reading.find_images(reading.labelled_root(data_dir))
+        device = resolve_device(args.device)
     raws, fold_dir_of = {}, {}
     for fold, fold_dir in folds.items():
         try:

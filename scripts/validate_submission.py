@@ -4,11 +4,11 @@ Run from the repository root::
 
     .venv/bin/python scripts/validate_submission.py submission.csv --images data/sample/stage1_test
 
-Prints every problem as ``ImageId row N: message`` and exits with status 1 if
-there is any; otherwise prints ``OK: <n> rows, <n> images`` and exits with 0.
-``--images`` is required: a submission is valid only for the images it is
-for (``data/sample/stage1_test`` for the bundled sample). An unusable
-``--images`` folder is one ``error:`` line and exit status 2.
+Prints every problem as ``error: ImageId row N: message`` on stderr and exits
+with status 2 if there is any; otherwise prints ``OK: <n> rows, <n> images``
+and exits with 0. ``--images`` is required: a submission is valid only for
+the images it is for (``data/sample/stage1_test`` for the bundled sample). An
+unusable ``--images`` folder is one ``error:`` line and exit status 2 too.
 """
 
 import argparse
@@ -38,11 +38,7 @@ def main(args: argparse.Namespace) -> int:
     with cli.refusing(reading.DataError):
         images = reading.find_images(args.images)
         sizes = {image_id: reading.image_size(path) for image_id, path in images.items()}
-    problems = submission.validate_submission(args.submission, sizes)
-    for problem in problems:
-        print(problem)
-    if problems:
-        return 1
+    cli.refuse_if(map(str, submission.validate_submission(args.submission, sizes)))
     rows = pd.read_csv(args.submission, dtype=str, keep_default_na=False)
     print(f"OK: {len(rows)} rows, {len(sizes)} images")
     return 0

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from skimage.draw import disk
 
+from nucleiseg import cli
 from nucleiseg.data.reading import Sample
 from nucleiseg.models.config import TrainConfig, load_config
 
@@ -66,6 +68,14 @@ def run_script(name: str, argv) -> object:
     """Call ``scripts/<name>.py``'s ``main`` on command-line arguments; return what it returns."""
     script = importlib.import_module(f"scripts.{name}")
     return script.main(script.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def refused(name: str, argv, status: int = cli.USAGE_STATUS) -> list[str]:
+    """Call a script that must refuse with ``status``; return its problems (``error:`` lines)."""
+    with pytest.raises(cli.Refused) as stopped:
+        run_script(name, argv)
+    assert stopped.value.code == status
+    return stopped.value.problems
 
 
 # Narrow heads and few proposals: the same model, small enough for tests.

@@ -31,7 +31,9 @@ LEVEL.update({name: len(STAGES) + 1 for name in ROOF})
 
 
 def _modules() -> list[Path]:
-    return sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE)
+    return sorted(
+        p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE
+    )
 
 
 def _unit(path: Path) -> str:

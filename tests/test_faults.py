@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import refused as _refused
 from helpers import run_script, tiny_config
 from skimage.draw import disk
 
@@ -23,8 +24,9 @@ from nucleiseg import atomic, cli
 from nucleiseg.atomic import WriteError, output_problem, write_bytes, write_png
 from nucleiseg.competition.submission import write_submission
 from nucleiseg.data import reading
+from nucleiseg.data.label_files import write_label_image
 from nucleiseg.data.overlays import write_overlay
-from nucleiseg.inference import family, oof
+from nucleiseg.inference import family
 from nucleiseg.models import runs
 from nucleiseg.models.build import build_model, load_weights
 from nucleiseg.models.compact import compact_state
@@ -82,24 +84,6 @@ def tiny_run(tmp_path_factory):
     return root / "run", root / "images"
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Fail the test if a script gets as far as loading a model."""
-    import nucleiseg.inference.predictor
-
-    def refuse_to_load(*args, **kwargs):
-        raise AssertionError("a model was loaded before the inputs were checked")
-
-    monkeypatch.setattr(nucleiseg.inference.predictor, "load_fold_models", refuse_to_load)
-
-
-def _refused(script, argv, status=cli.USAGE_STATUS):
-    with pytest.raises(cli.Refused) as refused:
-        run_script(script, argv)
-    assert refused.value.code == status
-    return refused.value.problems
-
-
 # 1. A failed write is an error naming the file, and leaves no file at all.
 
 
@@ -129,7 +113,7 @@ def test_label_pngs_overlays_and_submissions_on_a_full_disk(tmp_path, monkeypatc
     labels[2:5, 2:5] = 1
     monkeypatch.setattr(atomic, "os", _Os(fsync=_no_space))
     writers = {
-        tmp_path / "labels" / "a.png": lambda path: oof.write_label_png(path, labels),
+        tmp_path / "labels" / "a.png": lambda path: write_label_image(path.parent, "a", labels),
         tmp_path / "overlays" / "a.png": lambda path: write_overlay(
             path, np.zeros((8, 8, 3), np.uint8), labels
         ),
@@ -157,7 +141,11 @@ def test_predict_on_a_full_disk_stops_at_the_first_file_naming_it(tiny_run, tmp_
     out, labels = tmp_path / "sub.csv", tmp_path / "labels"
     argv = ["--runs", run_dir, "--images", images, "--out", out, "--save-labels", labels]
     problems = _refused("predict", argv + ["--device", "cpu"], status=cli.FAILURE_STATUS)
-    assert problems == [f"{labels / 'a.png'}: could not write: No space left on device"]
+    # The side outputs stop at the first label image; the submission is still tried.
+    assert problems == [
+        f"{labels / 'a.png'}: could not write: No space left on device",
+        f"{out}: could not write: No space left on device",
+    ]
     assert _listing(tmp_path) == []  # no empty label image, no submission
 
 

@@ -12,6 +12,7 @@ import yaml
 from helpers import disc_labels, run_script, tiny_config
 from skimage.draw import disk
 
+from nucleiseg.data.label_files import read_label_file
 from nucleiseg.data.outlines import nucleus_rings, outlines_geojson
 from nucleiseg.data.reading import BinaryLabelsWarning, Sample
 from nucleiseg.inference import oof
@@ -87,6 +88,8 @@ def test_a_finetune_lowers_the_loss_and_exports_a_bundle_predict_uses(start_run,
     # The validation images keep their labels and raw outputs, as after training.
     saved = sorted(p.stem for p in (out_dir / "fold0" / oof.OOF_DIR / oof.LABELS_DIR).iterdir())
     assert saved == held_out and len(oof.load_probabilities(out_dir / "fold0")) == 2
+    trained = set(folds["image_id"]) - set(held_out)
+    assert runs.read_split(out_dir / "fold0") == runs.Split(frozenset(trained), frozenset(held_out))
     config = yaml.safe_load((out_dir / "fold0" / runs.CONFIG).read_text())
     assert config["init_from"] == str(start_run / "fold0" / runs.WEIGHTS)
     assert config["lr"] == 3e-3 and set(config["modality_weights"].values()) == {1.0}
@@ -111,7 +114,7 @@ def test_a_finetune_lowers_the_loss_and_exports_a_bundle_predict_uses(start_run,
     assert sorted(labels) == sorted(folds["image_id"])
     for image_id, predicted in labels.items():
         np.testing.assert_array_equal(
-            oof.read_label_png(tmp_path / "labels" / f"{image_id}.png"), predicted
+            read_label_file(tmp_path / "labels" / f"{image_id}.png"), predicted
         )
         outlines = json.loads((tmp_path / "outlines" / f"{image_id}.geojson").read_text())
         assert len(outlines["features"]) == len(np.unique(predicted[predicted > 0]))
@@ -257,8 +260,9 @@ def test_outlines_trace_every_nucleus_and_its_pieces():
     geometry = {
         f["properties"]["name"]: f["geometry"] for f in outlines_geojson(labels)["features"]
     }
-    assert geometry["nucleus 12"]["type"] == "MultiPolygon"
-    assert geometry["nucleus 4"]["type"] == "Polygon"
+    # One Polygon per nucleus, as QuPath imports detections: the largest piece's.
+    assert {g["type"] for g in geometry.values()} == {"Polygon"}
+    assert geometry["nucleus 12"]["coordinates"] == [rings[12][0]]
 
 
 @pytest.mark.slow

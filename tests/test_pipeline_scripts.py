@@ -8,14 +8,16 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from helpers import TINY_MASKRCNN, run_script, write_labelled
 from skimage.draw import disk
 
 from nucleiseg.data import reading
+from nucleiseg.data.label_files import read_label_file
 from nucleiseg.data.targets import make_targets
 from nucleiseg.evaluation import ablation
-from nucleiseg.evaluation.ablation import CACHE_DIR, views_key
+from nucleiseg.evaluation.ablation import CACHE_DIR, run_ablation, views_key
 from nucleiseg.evaluation.summary import evaluate_run
 from nucleiseg.inference import oof
 from nucleiseg.inference.ensemble import segment_images
@@ -132,7 +134,7 @@ def test_predict_writes_a_valid_submission_and_label_pngs(trained_run, tmp_path)
     )
     assert set(labels) == {f"test{i}" for i in range(N_IMAGES)}
     assert set(pd.read_csv(out, keep_default_na=False)["ImageId"]) == set(labels)
-    saved = oof.read_label_png(tmp_path / "labels" / "test0.png")
+    saved = read_label_file(tmp_path / "labels" / "test0.png")
     np.testing.assert_array_equal(saved, labels["test0"])
 
 
@@ -438,24 +440,33 @@ def test_a_missing_or_altered_file_is_named_before_any_model_loads(bundle, tmp_p
 
 @pytest.mark.slow
 def test_quickstart_scores_each_image_with_its_own_fold(trained_run, bundle, tmp_path, capsys):
+    from scripts.quickstart import QUICK_TEST_IMAGES
+
     run_dir, data_dir, folds_csv = trained_run
     weights, _ = bundle
-    expected = run_script(
-        "predict",
-        ["--oof", "--runs", run_dir, "--out-dir", tmp_path / "oof_run"]
-        + ["--folds-csv", folds_csv, "--device", "cpu"],
-    )
-    out = tmp_path / "sample.csv"
-    score = run_script(
-        "quickstart",
-        ["--weights", weights, "--data-dir", data_dir, "--folds-csv", folds_csv]
-        + ["--out", out, "--overlays", tmp_path / "overlays", "--oof-dir", tmp_path / "oof"]
-        + ["--device", "cpu"],
-    )
-    assert score == pytest.approx(expected, abs=1e-12)
-    assert capsys.readouterr().out.strip().splitlines()[-1] == f"oof mean AP: {score:.4f}"
-    assert len(pd.read_csv(out, keep_default_na=False)["ImageId"].unique()) == N_IMAGES
-    assert len(list((tmp_path / "overlays").glob("*.png"))) == N_IMAGES
+    # The quick job: a few test images with the whole bundle, out of fold with --fast;
+    # --full: every test image, out of fold with the whole bundle.
+    for job, test_images in (("quick", QUICK_TEST_IMAGES), ("full", N_IMAGES)):
+        expected = run_script(
+            "predict",
+            ["--oof", "--runs", run_dir, "--out-dir", tmp_path / f"oof_run_{job}"]
+            + ["--folds-csv", folds_csv, "--device", "cpu"]
+            + (["--fast"] if job == "quick" else []),
+        )
+        out = tmp_path / f"sample_{job}.csv"
+        overlays = tmp_path / f"overlays_{job}"
+        score = run_script(
+            "quickstart",
+            ["--weights", weights, "--data-dir", data_dir, "--folds-csv", folds_csv]
+            + ["--out", out, "--overlays", overlays, "--oof-dir", tmp_path / f"oof_{job}"]
+            + ["--device", "cpu"]
+            + (["--full"] if job == "full" else []),
+        )
+        assert score == pytest.approx(expected, abs=1e-12)
+        assert capsys.readouterr().out.strip().splitlines()[-1] == f"oof mean AP: {score:.4f}"
+        submitted = pd.read_csv(out, keep_default_na=False)["ImageId"].unique()
+        assert len(submitted) == test_images
+        assert len(list(overlays.glob("*.png"))) == test_images
 
 
 @pytest.mark.slow
@@ -502,10 +513,7 @@ def test_coordinate_search_recovers_a_good_threshold():
 def test_oof_probabilities_round_trip_to_within_quantization(tmp_path):
     rng = np.random.default_rng(0)
     probabilities = rng.random((3, 20, 30)).astype(np.float32)
-    labels = rng.integers(0, 70000, (20, 30))
-    with pytest.raises(ValueError, match="65535"):
-        oof.save_prediction(tmp_path / "fold0", "x", probabilities, labels)
-    labels = labels % 65536
+    labels = rng.integers(0, 70000, (20, 30))  # beyond 16 bits: kept as a 32-bit TIFF
     oof.save_prediction(tmp_path / "fold0", "x", probabilities, labels)
     maps = oof.load_probabilities(tmp_path / "fold0")["x"]
     assert np.abs(maps - probabilities).max() <= 0.5 / 255 + 1e-7
@@ -637,6 +645,58 @@ def test_ablation_external_scores_are_cached_until_a_model_changes(
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert held_out() == pytest.approx(first, abs=1e-12)
     assert segmented == [["ext400", "ext401"]] * 2
+
+
+@pytest.mark.slow
+def test_ablation_update_scores_only_new_columns_and_new_variants(
+    trained_run, tmp_path, monkeypatch
+):
+    run_dir, data_dir, folds_csv = trained_run
+    first, second = _label_folder(tmp_path / "a", [500, 501]), _label_folder(tmp_path / "b", [502])
+    config = tmp_path / "grow.yaml"
+    settings = {
+        "data_dir": str(data_dir),
+        "folds_csv": str(folds_csv),
+        "external": {"first": str(first)},
+        "variants": [{"name": "plain", "runs": [str(run_dir)]}],
+    }
+    config.write_text(yaml.safe_dump(settings))
+    argv = ["--config", config, "--out-dir", tmp_path / "results", "--device", "cpu"]
+    before = run_script("ablate", argv)
+    # A second held-out set and a second variant join the YAML after the leaderboard is written.
+    grown = {
+        **settings,
+        "external": {"first": str(first), "second": str(second)},
+        "variants": [
+            *settings["variants"],
+            {"name": "flip", "runs": [str(run_dir)], "tta": "flip"},
+        ],
+    }
+    config.write_text(yaml.safe_dump(grown))
+    scored = []
+
+    def recording(sub, *args, **kwargs):
+        scored.append([v.name for v in sub.variants])
+        return run_ablation(sub, *args, **kwargs)
+
+    monkeypatch.setattr(ablation, "run_ablation", recording)
+    after = run_script("ablate", [*argv, "--update"])
+    assert scored == [["flip"]]  # the written row is not predicted out of fold again
+    assert list(after["variant"]) == ["plain", "flip"]
+    assert list(after.columns) == [*before.columns[:-2], "second", *before.columns[-2:]]
+    # The written leaderboard keeps 6 significant digits.
+    pd.testing.assert_frame_equal(after.loc[[0], before.columns], before, rtol=1e-5)
+    external = run_script(
+        "evaluate_external", ["--runs", run_dir, "--images", second, "--device", "cpu"]
+    )
+    assert after.loc[0, "second"] == pytest.approx(external, abs=1e-12)
+    fresh = run_ablation(ablation.load_ablation(config), torch.device("cpu"))
+    pd.testing.assert_frame_equal(
+        after.drop(columns="seconds_per_image"), fresh.drop(columns="seconds_per_image"), rtol=1e-5
+    )
+    assert "| second |" in (tmp_path / "results" / "grow.md").read_text()
+    with pytest.raises(SystemExit, match="no leaderboard"):
+        run_script("ablate", [*argv[:2], "--out-dir", tmp_path / "none", "--update"])
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ import pytest
 from helpers import run_script, write_labelled
 from skimage.draw import disk
 
+from nucleiseg import cli
 from nucleiseg.competition import metric
 from nucleiseg.competition.submission import write_submission
 
@@ -29,10 +30,12 @@ def test_validate_submission_script(tmp_path, truth, capsys):
     bad = tmp_path / "bad.csv"
     lines = good.read_text().splitlines()
     bad.write_text("\n".join([*lines[:2], "image0,5 2 1 1", *lines[3:], "stray,1 1"]) + "\n")
-    assert run_script("validate_submission", [bad, "--images", tmp_path / "truth"]) == 1
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("image0 row 3: starts not ascending")
-    assert out[1] == "stray row 6: unknown ImageId"
+    with pytest.raises(cli.Refused) as refused:
+        run_script("validate_submission", [bad, "--images", tmp_path / "truth"])
+    assert refused.value.code == cli.USAGE_STATUS
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("error: image0 row 3: starts not ascending")
+    assert err[1] == "error: stray row 6: unknown ImageId"
 
 
 def test_score_submission_script(tmp_path, truth, capsys):
@@ -56,5 +59,9 @@ def test_score_submission_script(tmp_path, truth, capsys):
 
 def test_score_submission_script_rejects_invalid(tmp_path, truth, capsys):
     partial = write_submission({"image0": truth["image0"]}, tmp_path / "partial.csv")
-    assert run_script("score_submission", [partial, "--truth", tmp_path / "truth"]) == 1
-    assert capsys.readouterr().out.splitlines() == ["image1: image missing from the submission"]
+    with pytest.raises(cli.Refused) as refused:
+        run_script("score_submission", [partial, "--truth", tmp_path / "truth"])
+    assert refused.value.code == cli.USAGE_STATUS
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == ["error: image1: image missing from the submission"]
+    assert "score:" not in captured.out

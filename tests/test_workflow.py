@@ -21,8 +21,14 @@ GRID = yaml.safe_load((REPO / "workflow" / "config.yaml").read_text())
 SAMPLE = yaml.safe_load((REPO / "workflow" / "sample.yaml").read_text())
 
 
-def snakemake(workdir: Path, *arguments) -> str:
-    """Run snakemake on the workflow in ``workdir``; its output (stdout and stderr)."""
+def snakemake(workdir: Path, *arguments, status: int = 0) -> str:
+    """Run snakemake on the workflow in ``workdir``; its output (stdout and stderr).
+
+    Args:
+        workdir: The folder it runs in.
+        arguments: Its command-line arguments.
+        status: The exit status it must end with.
+    """
     command = [sys.executable, "-m", "snakemake", "--snakefile", SNAKEFILE, "--directory", workdir]
     done = subprocess.run(
         [str(a) for a in [*command, *arguments]],
@@ -30,7 +36,7 @@ def snakemake(workdir: Path, *arguments) -> str:
         text=True,
         timeout=1200,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == status, done.stdout + done.stderr
     return done.stdout + done.stderr
 
 
@@ -49,10 +55,17 @@ def job_blocks(output: str) -> list[str]:
 
 @pytest.fixture
 def clean_clone(tmp_path):
-    """A working directory with the committed inputs the grid reads and no run made yet."""
+    """A working directory with the committed inputs the grid reads and no run made yet.
+
+    Beside it, empty folders stand for the dataset the configuration names
+    (``../shared/data/dsb2018``): a dry run only checks that they exist.
+    """
+    clone = tmp_path / "main"
     for name in ("folds", "configs", "ablations"):
-        (tmp_path / name).symlink_to(REPO / name)
-    return tmp_path
+        (clone / name).parent.mkdir(exist_ok=True)
+        (clone / name).symlink_to(REPO / name)
+    (clone / GRID["test_images"]).mkdir(parents=True)
+    return clone
 
 
 def test_every_run_of_the_grid_is_the_experiment_its_configuration_names():
@@ -91,6 +104,30 @@ def test_dry_run_of_a_clean_clone_plans_the_whole_grid_with_every_jobs_resources
     train = [b for b in blocks if b.startswith("rule train_fold:")]
     assert all("threads: 8" in b and "gpu=0" in b for b in train)
     assert any("mem_mb=10000" in b and "runtime=240" in b for b in train)  # Mask R-CNN
+
+
+@pytest.mark.slow
+def test_a_configuration_the_grid_cannot_run_is_refused_as_the_snakefile_is_read(
+    clean_clone, tmp_path
+):
+    missing = tmp_path / "nowhere"
+    training = GRID["training"] | {"maskrcnn_r18": {"model": "mask-rcnn"}}
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            GRID
+            | {"data_dir": str(missing), "training": training}
+            | {"configs": ["unetpp_effb0", "maskrcnn_r18", "unetpp_typo"]}
+        )
+    )
+    output = snakemake(clean_clone, "-n", "--configfile", config, status=2)
+    assert [line for line in output.splitlines() if line.startswith("error:")] == [
+        "error: training: maskrcnn_r18: unknown model family 'mask-rcnn'; "
+        "choose from unetpp, maskrcnn",
+        "error: configs: unetpp_typo: no entry under training",
+        f"error: data_dir: {missing}: no such folder (in {clean_clone})",
+    ]
+    assert "Job stats" not in output and "Traceback" not in output
 
 
 def test_gpus_train_each_fold_with_torchrun_on_that_many_gpus(clean_clone):

@@ -490,8 +490,16 @@ def _check_folds(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     if frame.empty:
         raise DataError(f"{source}: no rows")
     ids = frame["image_id"]
-    if ids.isna().any() or (ids.astype(str) == "").any() or ids.duplicated().any():
-        raise DataError(f"{source}: image ids must be present and unique")
+    if ids.isna().any() or (ids.astype(str) == "").any():
+        raise DataError(f"{source}: image ids must be present and unique (one is empty)")
+    ids = ids.astype(str)
+    repeated = sorted(set(ids[ids.duplicated()]))
+    if repeated:
+        others = f" ({len(repeated)} ids repeat)" if len(repeated) > 1 else ""
+        raise DataError(
+            f"{source}: image ids must be present and unique; {repeated[0]} is in "
+            f"{int((ids == repeated[0]).sum())} rows{others}"
+        )
     for column in ("fold", "group"):
         values = pd.to_numeric(frame[column], errors="coerce")
         if values.isna().any() or (values != values.round()).any() or (values < 0).any():

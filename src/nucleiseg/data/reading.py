@@ -19,14 +19,17 @@ file and what is wrong with it.
 
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
+import tifffile
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 TRAIN_STAGE = "stage1_train"
@@ -76,6 +79,9 @@ def read_raw(path: Path) -> np.ndarray:
     encoded = np.fromfile(path, dtype=np.uint8)
     if encoded.size == 0:
         raise DataError(f"{path}: empty file (0 bytes): unreadable or truncated image")
+    if bytes(encoded[:8]) == _PNG_SIGNATURE and not _png_complete(io.BytesIO(encoded)):
+        # libpng would print its own error line before failing.
+        raise DataError(f"{path}: unreadable or truncated image")
     try:
         raw = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
     except cv2.error as error:
@@ -101,13 +107,7 @@ def _stretch_to_uint8(array: np.ndarray, finite: np.ndarray) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8.
-
-    Grey images are repeated over three channels, an alpha channel is dropped,
-    and 16-bit or floating-point images are stretched from their own minimum
-    and maximum to 0..255. In a floating-point image the range is that of the
-    finite pixels; NaN and -inf pixels become 0 and +inf ones 255, with a
-    :class:`NonFiniteWarning`.
+    """Read an image file as RGB uint8 (see :func:`as_rgb_uint8`).
 
     Args:
         path: A PNG or TIFF file.
@@ -121,28 +121,57 @@ def read_image(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     raw = read_raw(path)
+    if raw.ndim == 3 and raw.shape[2] in (3, 4):
+        raw = raw[..., 2::-1]  # cv2's BGR(A) -> RGB, alpha dropped
+    return as_rgb_uint8(raw, path)
+
+
+def as_rgb_uint8(image: np.ndarray, name: str | Path = "image") -> np.ndarray:
+    """An image array as RGB uint8, the form every model takes.
+
+    Grey images are repeated over three channels, an alpha channel is dropped,
+    and 16-bit or floating-point images are stretched from their own minimum
+    and maximum to 0..255. In a floating-point image the range is that of the
+    finite pixels; NaN and -inf pixels become 0 and +inf ones 255, with a
+    :class:`NonFiniteWarning`.
+
+    Args:
+        image: Grey (H, W) or (H, W, 1), RGB (H, W, 3) or RGBA (H, W, 4); uint8,
+            uint16, int16, int32, float32 or float64.
+        name: What the messages call the image (its file).
+
+    Returns:
+        Array of shape (H, W, 3), dtype uint8 (``image`` uncopied when it already is one).
+
+    Raises:
+        DataError: If the image is empty, not grey, RGB or RGBA, of another
+            pixel type, or has no finite pixel value.
+    """
+    raw = image
     if raw.ndim == 3 and raw.shape[2] == 1:
         raw = raw[..., 0]
     if raw.ndim == 2:
         raw = np.repeat(raw[..., None], 3, axis=2)
     elif raw.ndim == 3 and raw.shape[2] in (3, 4):
-        raw = np.ascontiguousarray(raw[..., 2::-1])  # BGR(A) -> RGB, alpha dropped
+        raw = np.ascontiguousarray(raw[..., :3])
     else:
-        raise DataError(f"{path}: expected a grey, RGB or RGBA image, got shape {raw.shape}")
+        raise DataError(f"{name}: expected a grey, RGB or RGBA image, got shape {raw.shape}")
+    if raw.size == 0:
+        raise DataError(f"{name}: empty image, shape {image.shape}")
     if raw.dtype == np.uint8:
         return raw
     if raw.dtype not in (np.uint16, np.int16, np.int32, np.float32, np.float64):
-        raise DataError(f"{path}: unsupported pixel type {raw.dtype}")
+        raise DataError(f"{name}: unsupported pixel type {raw.dtype}")
     finite = np.isfinite(raw)
     if not finite.any():
-        raise DataError(f"{path}: no pixel has a finite value (all NaN or infinite)")
+        raise DataError(_no_finite_pixel(name))
     if not finite.all():
         warnings.warn(
-            f"{path}: {int(np.count_nonzero(~finite.all(axis=-1)))} NaN or infinite pixels "
+            f"{name}: {int(np.count_nonzero(~finite.all(axis=-1)))} NaN or infinite pixels "
             f"of {finite[..., 0].size}; the others are stretched to 0..255, NaN and -inf "
             "shown as 0, +inf as 255",
             NonFiniteWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return _stretch_to_uint8(raw, finite)
 
@@ -170,12 +199,53 @@ _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
+def _no_finite_pixel(name: str | Path) -> str:
+    return f"{name}: no pixel has a finite value (all NaN or infinite)"
+
+
+def _png_complete(handle: BinaryIO) -> bool:
+    """Whether a PNG's chunks, walked from their length fields, reach IEND inside the file.
+
+    Only the 8-byte chunk headers are read; a file cut short ends inside a
+    chunk. Bytes after IEND do not matter, to the decoders either.
+    """
+    size = handle.seek(0, io.SEEK_END)
+    offset = len(_PNG_SIGNATURE)
+    while offset + 12 <= size:
+        handle.seek(offset)
+        length, kind = struct.unpack(">I4s", handle.read(8))
+        if kind == b"IEND":
+            return True
+        offset += 12 + length  # length, type, data, CRC
+    return False
+
+
+def _float_tiff_problem(path: Path) -> str | None:
+    """A floating-point TIFF without one finite pixel in its first page (the one read).
+
+    Strips or tiles are decoded until a finite pixel turns up, so a usable
+    image costs one of them; integer TIFFs are not decoded at all.
+    """
+    with tifffile.TiffFile(path) as tiff:
+        page = tiff.pages.first
+        if page.dtype is None or page.dtype.kind != "f":
+            return None
+        height, width = page.imagelength, page.imagewidth
+        for segment, (_, _, y, x, _), _ in page.segments():
+            # Tiles on the right and bottom edges are padded past the image.
+            if segment is not None and np.isfinite(segment[:, : height - y, : width - x]).any():
+                return None
+    return _no_finite_pixel(path)
+
+
 def image_file_problem(path: str | Path) -> str | None:
     """What makes an image file unreadable, found without decoding it where possible.
 
-    A PNG is checked from its header and its last chunk (a truncated PNG lacks
-    its closing IEND chunk), a TIFF from its header; a file that is neither,
-    or a PNG that does not pass, is decoded to decide.
+    A PNG is checked from its header and its chunk headers (a truncated PNG
+    ends before its closing IEND chunk), never decoded; a TIFF from its header
+    and, if its pixels are floating-point, from as many of them as it takes
+    to find a finite one. A file that is neither, or a TIFF that tifffile
+    cannot parse, is decoded to decide.
 
     Args:
         path: An image file.
@@ -191,16 +261,22 @@ def image_file_problem(path: str | Path) -> str | None:
         with path.open("rb") as f:
             head = f.read(24)
             f.seek(max(size - len(_PNG_END), 0))
-            tail = f.read()
+            png = head[:8] == _PNG_SIGNATURE
+            complete = png and (f.read() == _PNG_END or _png_complete(f))
     except OSError as error:
         return f"{path}: cannot be read ({error.strerror or error})"
     if size == 0:
         return f"{path}: empty file (0 bytes)"
-    if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and tail == _PNG_END:
+    if png:
+        if head[12:16] != b"IHDR" or not complete:
+            return f"{path}: unreadable or truncated image"
         width, height = struct.unpack(">II", head[16:24])
         return None if width and height else f"{path}: PNG header gives a {width}x{height} image"
     if head[:4] in _TIFF_SIGNATURES:
-        return None
+        try:
+            return _float_tiff_problem(path)
+        except (tifffile.TiffFileError, OSError, ValueError):
+            pass  # the decoder decides
     try:
         read_raw(path)
     except DataError as error:
@@ -330,11 +406,20 @@ def read_label_image(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
             raise DataError(f"{path}: label image holds non-integer values")
     elif raw.dtype.kind not in "iu":
         raise DataError(f"{path}: unsupported label pixel type {raw.dtype}")
+    return _instances_of_binary_mask(int32_labels(raw, path), path)
+
+
+def int32_labels(raw: np.ndarray, path: str | Path) -> np.ndarray:
+    """Integer label values as int32, refusing negative ones and ones past the int32 range.
+
+    Raises:
+        DataError: Naming ``path``, on a value that is not a label id.
+    """
     if raw.size and raw.min() < 0:
         raise DataError(f"{path}: label image holds negative values")
     if raw.size and raw.max() > np.iinfo(np.int32).max:
         raise DataError(f"{path}: label values exceed the int32 range")
-    return _instances_of_binary_mask(raw.astype(np.int32), path)
+    return raw.astype(np.int32)
 
 
 def _instances_of_binary_mask(labels: np.ndarray, path: Path) -> np.ndarray:
@@ -375,6 +460,11 @@ def _files_by_stem(folder: Path) -> dict[str, Path]:
 def _image_in_folder(images_dir: Path, image_id: str) -> Path:
     candidates = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     named = [p for p in candidates if p.stem == image_id]
+    if len(named) > 1:
+        raise DataError(
+            f"{images_dir}: several images named {image_id}: {', '.join(p.name for p in named)}; "
+            "keep one"
+        )
     if named:
         return named[0]
     if len(candidates) == 1:
@@ -442,17 +532,37 @@ def label_image_of(image_path: str | Path) -> Path | None:
         DataError: If the layout is the folder pair but the image has no label
             image, or more than one.
     """
+    matches = _label_images(image_path)
+    if matches is None:
+        return None
+    if not matches:
+        raise DataError(_no_label_image(image_path))
+    if len(matches) > 1:
+        raise DataError(_several_label_images(image_path, matches))
+    return matches[0]
+
+
+def _label_images(image_path: str | Path) -> list[Path] | None:
+    """The label images named like an image of the ``images/`` + ``labels/`` layout.
+
+    Returns:
+        The files found (none, one or several), or None outside that layout.
+    """
     image_path = Path(image_path)
     labels_dir = image_path.parent.parent / LABEL_LABELS
     if image_path.parent.name != LABEL_IMAGES or not labels_dir.is_dir():
         return None
     matches = [labels_dir / (image_path.stem + suffix) for suffix in LABEL_SUFFIXES]
-    matches = [p for p in matches if p.is_file()]
-    if not matches:
-        raise DataError(f"{image_path}: no label image {labels_dir / image_path.stem}.png/.tif")
-    if len(matches) > 1:
-        raise DataError(f"{image_path}: several label images: {', '.join(map(str, matches))}")
-    return matches[0]
+    return [p for p in matches if p.is_file()]
+
+
+def _no_label_image(image_path: Path) -> str:
+    labels_dir = image_path.parent.parent / LABEL_LABELS
+    return f"{image_path}: no label image {labels_dir / image_path.stem}.png/.tif"
+
+
+def _several_label_images(image_path: Path, matches: list[Path]) -> str:
+    return f"{image_path}: several label images: {', '.join(map(str, matches))}"
 
 
 def check_labelled(images: Mapping[str, Path]) -> None:
@@ -462,19 +572,28 @@ def check_labelled(images: Mapping[str, Path]) -> None:
         images: Image id -> image file, as returned by :func:`find_images`.
 
     Raises:
-        DataError: Naming every image without labels (one line each).
+        DataError: Naming every image without labels, then every image with
+            several label images (one line each, under a header for each kind).
     """
-    problems = []
-    for path in images.values():
-        try:
-            if label_image_of(path) is None and not masks_dir_of(path).is_dir():
-                problems.append(f"{path}: no labels (no {masks_dir_of(path)} folder)")
-        except DataError as error:
-            problems.append(str(error))
-    if problems:
-        raise DataError(
-            f"{len(problems)} of {len(images)} images have no labels:\n  " + "\n  ".join(problems)
+    missing, ambiguous = [], []
+    for path in map(Path, images.values()):
+        matches = _label_images(path)
+        if matches is None and not masks_dir_of(path).is_dir():
+            missing.append(f"{path}: no labels (no {masks_dir_of(path)} folder)")
+        elif matches == []:
+            missing.append(_no_label_image(path))
+        elif matches is not None and len(matches) > 1:
+            ambiguous.append(_several_label_images(path, matches))
+    sections = [
+        f"{len(found)} of {len(images)} images {header}:\n  " + "\n  ".join(found)
+        for found, header in (
+            (missing, "have no labels"),
+            (ambiguous, "have several label images; keep one each"),
         )
+        if found
+    ]
+    if sections:
+        raise DataError("\n".join(sections))
 
 
 def read_labels_of(image_path: str | Path, shape: tuple[int, int]) -> np.ndarray:

@@ -48,6 +48,7 @@ from nucleiseg.atomic import atomic_path
 from nucleiseg.competition.folds import DEFAULT_FOLDS_PATH, fold_assignment
 from nucleiseg.competition.metric import average_precision
 from nucleiseg.data import reading
+from nucleiseg.data.label_files import label_files
 from nucleiseg.data.modality import MODALITIES, classify_modality
 from nucleiseg.data.reading import DataError
 from nucleiseg.evaluation.summary import cv_summary, score_labelled
@@ -234,7 +235,7 @@ def _predict_fold(run_dir, fold, fold_dir, cache, images, options, device) -> No
     (member,) = load_fold_models(Path(run_dir) / f"fold{fold}", device)
     family = get_family(member.config.model)
     params = family.params(member.config)
-    ids = sorted(p.stem for p in (fold_dir / oof.OOF_DIR / oof.LABELS_DIR).glob("*.png"))
+    ids = list(label_files(fold_dir / oof.OOF_DIR / oof.LABELS_DIR))
     seconds = 0.0
     for image_id in tqdm(ids, desc=f"{Path(run_dir).name} fold {fold}", unit="image"):
         image = reading.read_image(images[image_id])
@@ -272,7 +273,7 @@ def direct_oof_labels(
     for fold, fold_dir in oof.oof_fold_dirs(variant.runs[0]).items():
         if folds is not None and fold not in folds:
             continue
-        ids = sorted(p.stem for p in (fold_dir / oof.OOF_DIR / oof.LABELS_DIR).glob("*.png"))
+        ids = list(label_files(fold_dir / oof.OOF_DIR / oof.LABELS_DIR))
         members = _models(variant, device, [fold])
         labels.update(
             segment_images(members, {i: images[i] for i in ids}, params, device, variant.options)
@@ -476,6 +477,60 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
     baseline = results.loc[results["variant"] == ablation.baseline, "cv"].iloc[0]
     results.insert(3, "delta", results["cv"] - baseline)
     return results
+
+
+def update_leaderboard(
+    ablation: Ablation, results: pd.DataFrame, device: torch.device, workers: int = 2
+) -> pd.DataFrame:
+    """Score only what a written leaderboard lacks: new variants and new external columns.
+
+    A variant added to the ablation file since ``results`` was written is scored
+    as :func:`run_ablation` scores it; a held-out set added to ``external`` gets
+    its column, scored for every row that has none (:func:`score_external`). The
+    rows already there keep their out-of-fold columns, so nothing of theirs is
+    predicted out of fold again. Rows still waiting for their runs stay empty.
+
+    Args:
+        ablation: The ablation, as its file now reads.
+        results: Its leaderboard as written earlier (:func:`run_ablation`).
+        device: Where the models run.
+        workers: Processes for the instance step of new variants.
+
+    Returns:
+        The leaderboard in the file's variant order, deltas against the baseline.
+
+    Raises:
+        ValueError: If a row of ``results`` names a variant the file no longer has.
+    """
+    variants = {v.name: v for v in ablation.variants}
+    gone = sorted(set(results["variant"]) - set(variants))
+    if gone:
+        raise ValueError(f"{ablation.name}: the leaderboard's rows {gone} are not variants")
+    scored = set(results.loc[results["cv"].notna(), "variant"])
+    new = [
+        v
+        for v in ablation.variants
+        if v.name not in scored and all(_has_finished_fold(r) for r in v.runs)
+    ]
+    if new:
+        sub = dataclasses.replace(ablation, variants=tuple(new), baseline=new[0].name)
+        rows = run_ablation(sub, device, workers)
+        results = pd.concat([results[~results["variant"].isin(rows["variant"])], rows])
+    results = results.reset_index(drop=True)
+    for column, folder in ablation.external.items():
+        if column not in results.columns:
+            results[column] = np.nan
+        for index in results.index[results["cv"].notna() & results[column].isna()]:
+            variant = variants[results.at[index, "variant"]]
+            results.at[index, column] = score_external(variant, folder, device, ablation.folds)
+    order = {name: i for i, name in enumerate(variants)}
+    results = results.sort_values("variant", key=lambda names: names.map(order))
+    baseline = results.loc[results["variant"] == ablation.baseline, "cv"].iloc[0]
+    results["delta"] = results["cv"] - baseline
+    external = [c for c in results.columns if c not in FIXED_COLUMNS]
+    tail = ["seconds_per_image", "command"]
+    head = [c for c in results.columns if c in FIXED_COLUMNS and c not in tail]
+    return results[[*head, *external, *tail]].reset_index(drop=True)
 
 
 def leaderboard_markdown(results: pd.DataFrame, title: str, command: str, machine: str = "") -> str:

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nucleiseg.competition.folds import DEFAULT_FOLDS_PATH, fold_assignment
+from nucleiseg.competition.folds import DEFAULT_FOLDS_PATH, fold_assignment, read_folds
 from nucleiseg.competition.submission import PRECISION_COLUMNS, score_submission
 from nucleiseg.data import reading
 from nucleiseg.data.modality import MODALITIES
 from nucleiseg.inference import oof
 from nucleiseg.inference.family import get_family, read_params
 from nucleiseg.models.config import load_config
-from nucleiseg.models.runs import CONFIG, read_run_info
+from nucleiseg.models.runs import CONFIG, read_run_info, split_problem
 
 OVERALL = "all"
 
@@ -112,8 +112,15 @@ def evaluate_run(
         tp, fp, fn at IoU 0.5 and the precision at each IoU threshold.
 
     Raises:
-        DataError: If ``params_file`` is given and a fold has no raw outputs.
+        DataError: If ``folds_csv`` disagrees with the images a fold recorded
+            it trained on (see :func:`nucleiseg.models.runs.split_problem`), or
+            ``params_file`` is given and a fold has no raw outputs.
     """
+    folds = read_folds(folds_csv)
+    fold_of = dict(zip(folds["image_id"], folds["fold"], strict=True))
+    problem = split_problem(run_dir, fold_of, folds_csv)
+    if problem is not None:
+        raise reading.DataError(problem)
     if params_file is None:
         predictions = oof.load_oof_labels(run_dir)
     else:

@@ -32,7 +32,7 @@ from nucleiseg.data.sizing import rescale_factor
 from nucleiseg.inference import oof
 from nucleiseg.inference.family import Params, get_family
 from nucleiseg.inference.predictor import FoldModel, InferenceOptions
-from nucleiseg.models.runs import write_run_info
+from nucleiseg.models.runs import write_run_info, write_split
 from nucleiseg.postprocessing.instances import (
     Instances,
     SoftInstances,
@@ -270,6 +270,42 @@ def _segment_once(
     return labels_from_raws({name: outputs(name) for name in by_family}, params, options)
 
 
+def segment_each(
+    models: Sequence[FoldModel],
+    items: Iterable[tuple[str, np.ndarray, InferenceOptions]],
+    params: Mapping[str, Params],
+    device: torch.device,
+    total: int | None = None,
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Label image of each image as it comes (see :func:`segment_image`), with a progress bar.
+
+    The bar counts images and moves with the tiles of the image being segmented.
+
+    Args:
+        models: Fold models.
+        items: (id, RGB uint8 image, options) of each image, made as they are needed.
+        params: Family name -> thresholds.
+        device: Where the models run.
+        total: Number of images, for the bar (None: unknown).
+
+    Yields:
+        (id, RGB image, int32 label image) of each image, in order.
+    """
+    with tqdm(total=total, desc="predict", unit="image") as bar:
+        for done, (image_id, image, options) in enumerate(items):
+
+            def progress(tiles: int, tiles_total: int, done=done) -> None:
+                # A fraction of the image per tile, so a long image moves the bar.
+                bar.n = round(done + tiles / tiles_total, 2)
+                bar.set_postfix_str(f"tiles {tiles}/{tiles_total}", refresh=False)
+                bar.refresh()
+
+            labels = segment_image(models, image, params, device, options, progress)
+            bar.n = done + 1
+            bar.refresh()
+            yield image_id, image, labels
+
+
 def segment_images(
     models: Sequence[FoldModel],
     images: Mapping[str, Path],
@@ -278,7 +314,7 @@ def segment_images(
     options: InferenceOptions | None = None,
     on_labels: Callable[[str, np.ndarray, np.ndarray], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Label images of image files (see :func:`segment_image`), with a progress bar.
+    """Label images of image files (see :func:`segment_each`), with a progress bar.
 
     Args:
         models: Fold models.
@@ -292,22 +328,12 @@ def segment_images(
     Returns:
         Image id -> int32 label image.
     """
+    items = ((image_id, read_image(path), options) for image_id, path in images.items())
     labels = {}
-    with tqdm(total=len(images), desc="predict", unit="image") as bar:
-        for done, (image_id, path) in enumerate(images.items()):
-            image = read_image(path)
-
-            def progress(tiles: int, total: int, done=done) -> None:
-                # A fraction of the image per tile, so a long image moves the bar.
-                bar.n = round(done + tiles / total, 2)
-                bar.set_postfix_str(f"tiles {tiles}/{total}", refresh=False)
-                bar.refresh()
-
-            labels[image_id] = segment_image(models, image, params, device, options, progress)
-            bar.n = done + 1
-            bar.refresh()
-            if on_labels is not None:
-                on_labels(image_id, image, labels[image_id])
+    for image_id, image, found in segment_each(models, items, params, device, len(images)):
+        labels[image_id] = found
+        if on_labels is not None:
+            on_labels(image_id, image, found)
     return labels
 
 
@@ -325,7 +351,9 @@ def write_out_of_fold(
     """Each training image segmented by the models of its own fold only, written as a run folder.
 
     ``out_dir/fold<K>/`` gets a ``run.yaml`` and ``oof/labels/``, the layout
-    :func:`nucleiseg.evaluation.summary.evaluate_run` scores.
+    :func:`nucleiseg.evaluation.summary.evaluate_run` scores, and a
+    ``split.csv`` when every model of the fold recorded its own: the images
+    they trained on, and those predicted here as held out.
 
     Args:
         models: Fold models of one or more runs (several per fold for an ensemble).
@@ -366,6 +394,9 @@ def write_out_of_fold(
             log.warning("fold %d lacks some families' models; its images use the others", fold)
         amp = any(m.config.amp for m in members)
         write_run_info(out_dir / f"fold{fold}", fold, data_dir, device, amp)
+        if all(m.split is not None for m in members):
+            trained = {i for m in members for i in m.split.training}
+            write_split(out_dir / f"fold{fold}", trained, fold_images)
         started = time.perf_counter()
         labels = segment_images(members, fold_images, params, device, options, save)
         results[fold] = (labels, time.perf_counter() - started)

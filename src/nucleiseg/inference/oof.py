@@ -3,7 +3,8 @@
 Per fold folder ``<run>/fold<K>/oof/``:
 
 - ``labels/<id>.png``: the final label image, uint16 PNG (0 = background);
-  small enough to commit;
+  small enough to commit; ``<id>.tif`` (uint32) for an image of more than
+  65,535 nuclei (see :mod:`nucleiseg.data.label_files`);
 - ``probabilities/<id>.png``: the three probability maps (body, border,
   separation) as the R, G and B channels of a uint8 PNG, 1/255 steps; enough
   to re-run the postprocessing with other thresholds, and regenerated rather
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from nucleiseg.atomic import write_bytes, write_png
+from nucleiseg.data.label_files import label_files, read_label_file, write_label_image
 from nucleiseg.data.reading import DataError, read_raw
 from nucleiseg.models.runs import fold_dirs
 from nucleiseg.postprocessing.instances import SoftInstances
@@ -28,18 +30,6 @@ OOF_DIR = "oof"
 LABELS_DIR = "labels"
 PROBABILITIES_DIR = "probabilities"
 INSTANCES_DIR = "instances"
-
-
-def write_label_png(path: Path, labels: np.ndarray) -> None:
-    """Write a label image as a uint16 PNG, atomically.
-
-    Raises:
-        ValueError: If a label does not fit in 16 bits.
-        nucleiseg.atomic.WriteError: If the file cannot be written, naming it.
-    """
-    if labels.size and labels.max() > np.iinfo(np.uint16).max:
-        raise ValueError(f"{path}: more than 65535 labels do not fit a uint16 PNG")
-    write_png(path, labels.astype(np.uint16))
 
 
 def save_prediction(
@@ -51,9 +41,9 @@ def save_prediction(
         fold_dir: The fold's run folder.
         image_id: Image id (the file name).
         probabilities: float (3, H, W) in [0, 1], or None.
-        labels: int label image with labels below 65536.
+        labels: int label image, 0 = background.
     """
-    write_label_png(fold_dir / OOF_DIR / LABELS_DIR / f"{image_id}.png", labels)
+    write_label_image(fold_dir / OOF_DIR / LABELS_DIR, image_id, labels)
     if probabilities is not None:
         quantized = np.rint(np.clip(probabilities, 0.0, 1.0) * 255).astype(np.uint8)
         # cv2 writes BGR: reverse so that body, border, separation are R, G, B.
@@ -107,14 +97,6 @@ def load_instances(fold_dir: Path) -> dict[str, SoftInstances]:
     )
 
 
-def read_label_png(path: Path) -> np.ndarray:
-    """An int32 label image from a uint16 (or uint8) PNG."""
-    raw = read_raw(Path(path))
-    if raw.ndim != 2:
-        raise DataError(f"{path}: a label PNG must have one channel, got shape {raw.shape}")
-    return raw.astype(np.int32)
-
-
 def read_probabilities(path: Path) -> np.ndarray:
     """float32 (3, H, W) probability maps from an OOF probability PNG."""
     raw = read_raw(Path(path))
@@ -150,12 +132,12 @@ def load_oof_labels(run_dir: Path) -> dict[str, tuple[int, np.ndarray]]:
     """
     predictions: dict[str, tuple[int, np.ndarray]] = {}
     for fold, fold_dir in oof_fold_dirs(run_dir).items():
-        for path in sorted((fold_dir / OOF_DIR / LABELS_DIR).glob("*.png")):
-            if path.stem in predictions:
+        for image_id, path in label_files(fold_dir / OOF_DIR / LABELS_DIR).items():
+            if image_id in predictions:
                 raise DataError(
-                    f"{path}: {path.stem} also predicted by fold {predictions[path.stem][0]}"
+                    f"{path}: {image_id} also predicted by fold {predictions[image_id][0]}"
                 )
-            predictions[path.stem] = (fold, read_label_png(path))
+            predictions[image_id] = (fold, read_label_file(path))
     return dict(sorted(predictions.items()))
 
 

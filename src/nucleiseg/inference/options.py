@@ -8,6 +8,8 @@ answers before torch and the models are imported;
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from typing import Any
 
 from nucleiseg.inference import tta
 
@@ -45,20 +47,36 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--size-tolerance", type=float, help="diameters within this factor stay")
 
 
-def given_options(args: argparse.Namespace) -> dict:
-    """The :class:`InferenceOptions` fields set by :func:`add_option_arguments` flags."""
-    given = {
-        "tta": args.tta,
-        "scales": None if args.scales is None else list(tta.parse_scales(args.scales)),
-        "tile": args.tile,
-        "overlap": args.overlap,
-        "batch_size": args.batch_size,
-        "max_memory": args.max_memory,
-        "vote_fraction": args.vote_fraction,
-        "family_merge": args.merge,
-        "map_weight": args.map_weight,
-        "size_adaptive": args.size_adaptive,
-        "size_target": args.size_target,
-        "size_tolerance": args.size_tolerance,
-    }
-    return {name: value for name, value in given.items() if value is not None}
+# Each command-line option (its argparse name, which the Python API's keywords
+# share) and the InferenceOptions field it sets.
+OPTION_FIELDS = {
+    "tta": "tta",
+    "scales": "scales",
+    "tile": "tile",
+    "overlap": "overlap",
+    "batch_size": "batch_size",
+    "max_memory": "max_memory",
+    "vote_fraction": "vote_fraction",
+    "merge": "family_merge",
+    "map_weight": "map_weight",
+    "size_adaptive": "size_adaptive",
+    "size_target": "size_target",
+    "size_tolerance": "size_tolerance",
+}
+
+
+def given_options(args: argparse.Namespace | Mapping[str, Any]) -> dict:
+    """The :class:`InferenceOptions` fields set by :func:`add_option_arguments` flags.
+
+    Args:
+        args: Parsed flags, or a mapping of the same names (:data:`OPTION_FIELDS`);
+            ``scales`` is ``"1.0,1.25"`` or a sequence of numbers.
+
+    Returns:
+        Field -> value for every option given (not None).
+    """
+    values = vars(args) if isinstance(args, argparse.Namespace) else args
+    given = {field: values.get(name) for name, field in OPTION_FIELDS.items()}
+    if given["scales"] is not None:
+        given["scales"] = list(tta.parse_scales(given["scales"]))
+    return {field: value for field, value in given.items() if value is not None}

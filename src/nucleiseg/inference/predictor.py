@@ -36,7 +36,7 @@ from nucleiseg.inference.tiling import (
 from nucleiseg.models.build import build_model, load_weights
 from nucleiseg.models.config import TrainConfig, load_config
 from nucleiseg.models.precision import autocast
-from nucleiseg.models.runs import CONFIG, fold_dirs, weights_path
+from nucleiseg.models.runs import CONFIG, Split, fold_dirs, read_split, weights_path
 
 # Peak memory of a U-Net++ (tu-efficientnet_b0) forward pass per input pixel, float32:
 # measured 630 B on a whole 1 MP image and 480 B on 4 MP (bfloat16: 340 and 230 B).
@@ -234,11 +234,16 @@ def tile_count(shape: tuple[int, int], options: InferenceOptions | None = None) 
 
 @dataclass
 class FoldModel:
-    """A trained fold's model, ready for inference, with the configuration it was trained with."""
+    """A trained fold's model, ready for inference, with the configuration it was trained with.
+
+    ``split`` is the images it trained on and held out, None where its fold
+    folder keeps no record of them.
+    """
 
     fold: int
     config: TrainConfig
     model: nn.Module
+    split: Split | None = None
 
 
 def load_fold_models(
@@ -268,7 +273,7 @@ def load_fold_models(
         model.to(device).eval()
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        loaded.append(FoldModel(fold, config, model))
+        loaded.append(FoldModel(fold, config, model, read_split(fold_dir)))
     if not loaded:
         among = "" if folds is None else f" among folds {sorted(folds)}"
         raise FileNotFoundError(
@@ -277,13 +282,18 @@ def load_fold_models(
     return loaded
 
 
-def fast_preset_models(models: Sequence[FoldModel]) -> list[FoldModel]:
-    """The fast preset's single model: the first U-Net++ fold given, else the first model.
+def fast_preset_index(families: Sequence[str]) -> int:
+    """Which model the fast preset keeps, given the families of the models in order: the
+    first U-Net++, else the first model.
 
     One U-Net++ pass costs a fraction of one Mask R-CNN pass on a CPU (the README's
     inference-cost tables), so the preset keeps U-Net++ whenever the ensemble has it.
     """
+    return list(families).index("unetpp") if "unetpp" in families else 0
+
+
+def fast_preset_models(models: Sequence[FoldModel]) -> list[FoldModel]:
+    """The fast preset's single model (see :func:`fast_preset_index`); none of none."""
     if not models:
         return []
-    unets = [member for member in models if member.config.model == "unetpp"]
-    return [(unets or list(models))[0]]
+    return [models[fast_preset_index([member.config.model for member in models])]]

@@ -206,6 +206,39 @@ def load_config(
     return config
 
 
+def config_changes(
+    before: TrainConfig, after: TrainConfig, ignored: tuple[str, ...] = ()
+) -> list[str]:
+    """Every setting that differs between two configurations, as ``name: old -> new``.
+
+    Nested settings are named with dots (``targets.border_width``).
+
+    Args:
+        before: The configuration a run was started with.
+        after: The one it would go on with.
+        ignored: Top-level settings allowed to differ.
+
+    Returns:
+        One entry per differing setting, in the dataclass's order.
+    """
+
+    def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        items = {}
+        for key, value in values.items():
+            if isinstance(value, dict) and value:
+                items |= flat(value, f"{prefix}{key}.")
+            else:
+                items[f"{prefix}{key}"] = value
+        return items
+
+    old, new = flat(before.to_dict()), flat(after.to_dict())
+    return [
+        f"{name}: {old.get(name)!r} -> {new.get(name)!r}"
+        for name in dict.fromkeys([*old, *new])
+        if name.split(".")[0] not in ignored and old.get(name) != new.get(name)
+    ]
+
+
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write the resolved configuration as YAML, atomically."""
     with atomic_path(path) as tmp:

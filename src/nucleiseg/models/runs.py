@@ -11,6 +11,9 @@
   :mod:`nucleiseg.models.compact`);
 - ``weights.sha256``: the sha256 of the compact weights as they were written
   (``sha256sum`` format), checked before they are loaded;
+- ``split.csv``: the images the fold trained on and those it held out
+  (columns image_id, role), checked against the folds file a later command
+  is given; runs trained before it was recorded have none;
 - ``oof/``: out-of-fold predictions (see :mod:`nucleiseg.inference.oof`);
 
 and ``runs/<experiment>/postprocess.yaml`` the thresholds tuned on the
@@ -19,12 +22,15 @@ out-of-fold predictions of all its folds.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
+import logging
 import re
 import zipfile
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import yaml
@@ -43,11 +49,16 @@ WEIGHTS = "weights_fp16.pt"
 WEIGHTS_INT8 = "weights_int8.pt"
 POSTPROCESS_YAML = "postprocess.yaml"
 WEIGHTS_SHA256 = "weights.sha256"
+SPLIT_CSV = "split.csv"
+TRAINING = "train"
+VALIDATION = "validation"
 
 _FOLD_DIR = re.compile(r"^fold(\d+)$")
 _CHECKSUM_LINE = re.compile(r"^([0-9a-f]{64})  (\S.*)$")
 _CHUNK = 1 << 20
 _ZIP_SIGNATURE = b"PK\x03\x04"
+
+log = logging.getLogger(__name__)
 
 
 def fold_dirs(run_dir: str | Path) -> dict[int, Path]:
@@ -133,6 +144,110 @@ def read_run_info(fold_dir: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no run information; pass --data-dir explicitly")
     return read_yaml(path)
+
+
+class Split(NamedTuple):
+    """The images a fold trained on and those it held out, as its ``split.csv`` records them."""
+
+    training: frozenset[str]
+    validation: frozenset[str]
+
+
+def write_split(fold_dir: Path, training: Iterable[str], validation: Iterable[str]) -> None:
+    """Record a fold's training and held-out images (``split.csv``: image_id, role).
+
+    Raises:
+        nucleiseg.atomic.WriteError: If the file cannot be written, naming it.
+    """
+    roles = {image_id: TRAINING for image_id in training}
+    roles |= {image_id: VALIDATION for image_id in validation}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image_id", "role"])
+    writer.writerows(sorted(roles.items()))
+    write_text(Path(fold_dir) / SPLIT_CSV, buffer.getvalue())
+
+
+def read_split(fold_dir: Path) -> Split | None:
+    """A fold's recorded split; None for a fold trained before splits were recorded.
+
+    Raises:
+        nucleiseg.data.reading.DataError: If ``split.csv`` is unreadable, naming it.
+    """
+    path = Path(fold_dir) / SPLIT_CSV
+    if not path.is_file():
+        return None
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}: unreadable split file ({error})") from error
+    if any(row.get("role") not in (TRAINING, VALIDATION) or not row["image_id"] for row in rows):
+        raise DataError(
+            f"{path}: expected rows of image_id,role with role {TRAINING} or {VALIDATION}"
+        )
+    return Split(
+        frozenset(row["image_id"] for row in rows if row["role"] == TRAINING),
+        frozenset(row["image_id"] for row in rows if row["role"] == VALIDATION),
+    )
+
+
+def split_problem(
+    run_dir: Path,
+    fold_of: Mapping[str, int],
+    folds_csv: Path,
+    folds: Collection[int] | None = None,
+) -> str | None:
+    """Whether a folds file disagrees with the splits a run's folds recorded when they trained.
+
+    A fold that trained on an image the folds file holds out in that fold, or
+    held out an image the file puts in another fold, would be scored on its
+    own training images. Folds trained before splits were recorded are taken
+    on trust, with one INFO line.
+
+    Args:
+        run_dir: Run folder, or one of its fold folders.
+        fold_of: Image id -> fold, from ``folds_csv`` (images it lacks are not compared).
+        folds_csv: The folds file, for the message.
+        folds: Compare only these folds (None: every fold folder).
+
+    Returns:
+        One line naming the first disagreeing fold folder and one of its
+        images (or an unreadable ``split.csv``), or None.
+    """
+    unrecorded = []
+    for fold, fold_dir in fold_dirs(run_dir).items():
+        if folds is not None and fold not in folds:
+            continue
+        try:
+            split = read_split(fold_dir)
+        except DataError as error:
+            return str(error)
+        if split is None:
+            unrecorded.append(fold)
+            continue
+        trained = sorted(i for i in split.training if fold_of.get(i, -1) == fold)
+        held_out = sorted(i for i in split.validation if fold_of.get(i, fold) != fold)
+        if trained or held_out:
+            if trained:
+                what = f"trained on {trained[0]}, which {folds_csv} holds out in fold {fold}"
+            else:
+                image = held_out[0]
+                what = f"held out {image}, which {folds_csv} puts in fold {fold_of[image]}"
+            return (
+                f"{fold_dir}: fold {fold} {what} ({len(trained) + len(held_out)} images disagree "
+                f"with its {SPLIT_CSV}); give the folds file it was trained with"
+            )
+    if unrecorded:
+        log.info(
+            "%s: fold(s) %s keep no record of the images they trained on (no %s: trained before "
+            "it was written); %s is taken on trust",
+            run_dir,
+            ", ".join(map(str, unrecorded)),
+            SPLIT_CSV,
+            folds_csv,
+        )
+    return None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

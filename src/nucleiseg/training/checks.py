@@ -8,7 +8,7 @@ altered weights or a full disk cost a second, not a run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from nucleiseg.atomic import output_problem
@@ -22,7 +22,7 @@ from nucleiseg.data.reading import (
 )
 from nucleiseg.data.sources import parse_sources
 from nucleiseg.inference.family import get_family, read_params
-from nucleiseg.models.config import TrainConfig, load_config
+from nucleiseg.models.config import TrainConfig, config_changes, load_config
 from nucleiseg.models.runs import (
     CONFIG,
     LAST,
@@ -31,11 +31,15 @@ from nucleiseg.models.runs import (
     fold_dirs,
     postprocess_path,
     read_yaml,
+    split_problem,
     weights_path,
     weights_problem,
 )
 from nucleiseg.training.distributed import batch_problem, launched_processes
 from nucleiseg.training.reference import MANIFEST, ReferenceWeightsError, verify
+
+# Settings a fold resumed from its checkpoint may change: how long it trains, how it loads.
+RESUMABLE = ("epochs", "num_workers")
 
 
 def output_problems(
@@ -164,6 +168,62 @@ def _run_problems(run_dir: Path) -> list[str]:
     return problems
 
 
+def split_problems(
+    run_dirs: Sequence[Path], fold_of: Mapping[str, int], folds_csv: Path
+) -> list[str]:
+    """Runs whose folds recorded other splits than a folds file gives, one line each.
+
+    See :func:`nucleiseg.models.runs.split_problem`; runs that keep no record
+    are taken on trust, with an INFO line.
+
+    Args:
+        run_dirs: Run folders (or fold folders).
+        fold_of: Image id -> fold, from ``folds_csv``.
+        folds_csv: The folds file, for the messages.
+    """
+    problems = [split_problem(run_dir, fold_of, folds_csv) for run_dir in run_dirs]
+    return [problem for problem in problems if problem is not None]
+
+
+def resume_problems(
+    config: TrainConfig,
+    run_dir: Path,
+    folds: Sequence[int],
+    fold_of: Mapping[str, int],
+    folds_csv: Path,
+) -> list[str]:
+    """Why folds cannot be resumed with these settings and this folds file, one line each.
+
+    A fold goes on from its checkpoint only with the settings it was started
+    with (its ``config.yaml``), save those in :data:`RESUMABLE`, and with the
+    folds it was started with (its ``split.csv``).
+
+    Args:
+        config: The resolved configuration to go on with.
+        run_dir: The run folder.
+        folds: The folds to resume (those with a checkpoint).
+        fold_of: Image id -> fold, from ``folds_csv``.
+        folds_csv: The folds file, for the messages.
+    """
+    problems = []
+    for fold in folds:
+        saved = Path(run_dir) / f"fold{fold}" / CONFIG
+        try:
+            changes = config_changes(load_config(saved), config, RESUMABLE)
+        except (DataError, ValueError, TypeError) as error:
+            message = str(error)
+            problems.append(message if message.startswith(str(saved)) else f"{saved}: {message}")
+            continue
+        if changes:
+            problems.append(
+                f"--resume: fold {fold} was started with other settings ({saved}): "
+                + ", ".join(changes)
+            )
+    if folds and (problem := split_problem(run_dir, fold_of, folds_csv, folds)) is not None:
+        problems.append(problem)
+    return problems
+
+
 def training_problems(
     config: TrainConfig,
     data_dir: Path,
@@ -177,9 +237,11 @@ def training_problems(
     Checks the run folder can be written and, without ``resume``, holds no
     checkpoint of a fold to train; that the dataset's images and those of every
     external source (``extra_data``) read (headers) and have labels; that the
-    folds file covers them and names the folds asked for; that the local
-    weights to start from are intact; and, started by torchrun, that its
-    processes can share every batch equally.
+    folds file covers them and names the folds asked for; with ``resume``,
+    that every fold to resume goes on with its settings and folds (see
+    :func:`resume_problems`); that the local weights to start from are
+    intact; and, started by torchrun, that its processes can share every
+    batch equally.
     """
     problems = output_problems(folders=[run_dir])
     if batch := batch_problem(config.batch_size, launched_processes()):
@@ -190,16 +252,20 @@ def training_problems(
     problems += found
     if images:
         try:
-            available = fold_assignment(folds_csv, images)["fold"].unique()
-            folds = parse_fold_list(fold_spec, sorted(available))
+            assignment = fold_assignment(folds_csv, images)
+            folds = parse_fold_list(fold_spec, sorted(assignment["fold"].unique()))
         except (DataError, ValueError) as error:
             problems.append(str(error))
         else:
-            if not resume:
+            started = [fold for fold in folds if (Path(run_dir) / f"fold{fold}" / LAST).exists()]
+            if resume:
+                fold_of = dict(zip(assignment["image_id"], assignment["fold"], strict=True))
+                problems += resume_problems(config, run_dir, started, fold_of, folds_csv)
+            else:
                 problems += [
-                    f"{last}: exists; pass --resume to continue it, or choose another --out-dir"
-                    for last in (Path(run_dir) / f"fold{fold}" / LAST for fold in folds)
-                    if last.exists()
+                    f"{Path(run_dir) / f'fold{fold}' / LAST}: exists; pass --resume to continue "
+                    "it, or choose another --out-dir"
+                    for fold in started
                 ]
     if config.init_from is not None and (problem := weights_problem(Path(config.init_from))):
         problems.append(problem)

@@ -16,6 +16,7 @@ validates and writes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -42,6 +43,7 @@ from nucleiseg.data.dataset import NucleiDataset, load_samples, sample_weights
 from nucleiseg.data.reading import Sample, find_images, labelled_root
 from nucleiseg.data.sources import LoadedSource, load_source, mix_probabilities, parse_sources
 from nucleiseg.inference.family import Family, get_family
+from nucleiseg.locks import folder_lock
 from nucleiseg.models.build import build_model, load_weights
 from nucleiseg.models.compact import compact_state
 from nucleiseg.models.config import TrainConfig, save_config
@@ -55,6 +57,7 @@ from nucleiseg.models.runs import (
     torch_bytes,
     write_int8_weights,
     write_run_info,
+    write_split,
 )
 from nucleiseg.training import distributed
 
@@ -393,42 +396,51 @@ def train_folds(
             (see :func:`nucleiseg.data.reading.labelled_root`).
         folds_csv: Fold assignment covering every training image.
         fold_spec: A fold number, a comma-separated list, or ``all``.
-        run_dir: Run folder; fold K goes to ``run_dir/fold<K>``.
+        run_dir: Run folder; fold K goes to ``run_dir/fold<K>``, with its
+            ``split.csv`` (the images it trains on and holds out).
         device: Where to train.
         resume: Continue folds from their last checkpoints.
 
     Returns:
         The folds trained.
     """
-    root = labelled_root(data_dir)
-    images = find_images(root)
-    assignment = fold_assignment(folds_csv, images)
-    folds = parse_fold_list(fold_spec, sorted(assignment["fold"].unique()))
-    extras = [load_source(source) for source in parse_sources(config.extra_data)]
-    samples = load_samples(root, list(images))
-    modalities = dict(zip(assignment["image_id"], assignment["modality"], strict=True))
-    fold_of = dict(zip(assignment["image_id"], assignment["fold"], strict=True))
-    for fold in folds:
-        train = [s for s in samples if fold_of[s.image_id] != fold]
-        val = [s for s in samples if fold_of[s.image_id] == fold]
-        out_dir = Path(run_dir) / f"fold{fold}"
-        log.info(
-            "fold %d: %d training, %d validation images, %s -> %s",
-            fold,
-            len(train),
-            len(val),
-            ", ".join(f"{len(e.samples)} tiles of {e.source.name}" for e in extras) or "no extras",
-            out_dir,
-        )
-        if distributed.is_main():
-            write_run_info(
+    # One job per run folder: a second one into it stops at once instead of mixing
+    # its files in. Rank 0 alone writes, so it alone holds the lock.
+    lock = folder_lock(run_dir) if distributed.is_main() else contextlib.nullcontext()
+    with lock:
+        root = labelled_root(data_dir)
+        images = find_images(root)
+        assignment = fold_assignment(folds_csv, images)
+        folds = parse_fold_list(fold_spec, sorted(assignment["fold"].unique()))
+        extras = [load_source(source) for source in parse_sources(config.extra_data)]
+        samples = load_samples(root, list(images))
+        modalities = dict(zip(assignment["image_id"], assignment["modality"], strict=True))
+        fold_of = dict(zip(assignment["image_id"], assignment["fold"], strict=True))
+        for fold in folds:
+            train = [s for s in samples if fold_of[s.image_id] != fold]
+            val = [s for s in samples if fold_of[s.image_id] == fold]
+            out_dir = Path(run_dir) / f"fold{fold}"
+            log.info(
+                "fold %d: %d training, %d validation images, %s -> %s",
+                fold,
+                len(train),
+                len(val),
+                ", ".join(f"{len(e.samples)} tiles of {e.source.name}" for e in extras)
+                or "no extras",
                 out_dir,
-                fold=fold,
-                data_dir=data_dir,
-                device=device,
-                amp=config.amp,
-                extra_data=[e.source.path for e in extras],
-                processes=distributed.world_size(),
             )
-        train_fold(config, train, val, modalities, out_dir, device, resume=resume, extras=extras)
+            if distributed.is_main():
+                write_run_info(
+                    out_dir,
+                    fold=fold,
+                    data_dir=data_dir,
+                    device=device,
+                    amp=config.amp,
+                    extra_data=[e.source.path for e in extras],
+                    processes=distributed.world_size(),
+                )
+                write_split(out_dir, [s.image_id for s in train], [s.image_id for s in val])
+            train_fold(
+                config, train, val, modalities, out_dir, device, resume=resume, extras=extras
+            )
     return folds

@@ -69,6 +69,7 @@ from nucleiseg.models.runs import (
     run_root,
     weights_path,
     write_run_info,
+    write_split,
 )
 from nucleiseg.postprocessing.tuning import coordinate_search, mean_score
 from nucleiseg.training import engine
@@ -617,6 +618,7 @@ def run_finetune(
             amp=config.amp,
             extra_data=[e.source.path for e in extras],
         )
+        write_split(fold_dir, [s.image_id for s in whole], [s.image_id for s in val])
         engine.train_fold(
             config, train, val, modalities, fold_dir, device, resume=resume, extras=extras
         )

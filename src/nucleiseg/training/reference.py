@@ -29,13 +29,14 @@ import pandas as pd
 import torch
 import yaml
 
-from nucleiseg.atomic import atomic_path, write_bytes
+from nucleiseg.atomic import atomic_path, output_problem, write_bytes
 from nucleiseg.cli import WEIGHTS_DIR
 from nucleiseg.competition.folds import DEFAULT_FOLDS_PATH
-from nucleiseg.data.reading import LABEL_IMAGES, TRAIN_STAGE
+from nucleiseg.data.reading import LABEL_IMAGES, TRAIN_STAGE, DataError
 from nucleiseg.data.sources import parse_sources
 from nucleiseg.evaluation.summary import evaluate_run
 from nucleiseg.inference.predictor import InferenceOptions, with_options
+from nucleiseg.locks import folder_lock
 from nucleiseg.models.compact import compact_state
 from nucleiseg.models.config import load_config, plain
 from nucleiseg.models.runs import (
@@ -47,7 +48,9 @@ from nucleiseg.models.runs import (
     WEIGHTS_INT8,
     fold_dirs,
     read_yaml,
+    run_root,
     torch_bytes,
+    weights_problem,
 )
 
 MANIFEST = "manifest.yaml"
@@ -221,6 +224,73 @@ class BundlePart:
     precision: str = "float16"
 
 
+def _bundle_sources(part: BundlePart) -> dict[int, tuple[Path, Path]]:
+    """The chosen finished folds of a part: fold -> (fold folder, weights file to read).
+
+    The file read is the one the bundle stores when the fold has it (an int8
+    bundle also takes folds that keep only their int8 weights, what new runs
+    commit), else the float16 one it is made from.
+    """
+    stored = WEIGHTS if part.precision == "float16" else WEIGHTS_INT8
+    chosen = {}
+    for k, d in fold_dirs(part.run).items():
+        found = [d / name for name in (stored, WEIGHTS) if (d / name).is_file()]
+        if found and (part.folds is None or k in part.folds):
+            chosen[k] = (d, found[0])
+    return chosen
+
+
+def _is_bundle(folder: Path) -> bool:
+    try:
+        read_manifest(folder)
+    except (DataError, ReferenceWeightsError):
+        return False
+    return True
+
+
+def export_problems(parts: Sequence[BundlePart], weights_dir: Path = WEIGHTS_DIR) -> list[str]:
+    """What stops an export, found before any work: where it goes and the weights it copies.
+
+    The bundle folder must be writable and either new, empty or a bundle (its
+    manifest lists members and files): an export replaces it whole, so any
+    other folder is refused, and so is one that is, holds or lies inside a
+    fold folder of a run it reads (a new folder inside a run, as a
+    fine-tune's ``<run>/bundle``, is allowed). Every weights file to copy must
+    match the checksum recorded when it was written (or, without one, its
+    archive's CRCs; see :func:`nucleiseg.models.runs.weights_problem`).
+
+    Args:
+        parts: Each run with the folds to keep and their precision.
+        weights_dir: The bundle to (re)write.
+
+    Returns:
+        One line per problem, naming its folder or file; empty when all is well.
+    """
+    weights_dir = Path(weights_dir)
+    problems = [problem] if (problem := output_problem(weights_dir, folder=True)) else []
+    if weights_dir.is_dir() and any(weights_dir.iterdir()) and not _is_bundle(weights_dir):
+        problems.append(
+            f"{weights_dir}: holds files and is not a bundle (no {MANIFEST} listing members "
+            "and files); an export replaces its folder whole: give a new or empty one"
+        )
+    out = weights_dir.resolve()
+    for part in parts:
+        root = run_root(part.run)
+        if out == root.resolve() or root.resolve().is_relative_to(out):
+            problems.append(f"{weights_dir}: the bundle would replace the run {root}")
+        problems += [
+            f"{weights_dir}: the bundle would go inside the fold folder {fold_dir}"
+            for fold_dir in fold_dirs(root).values()
+            if out.is_relative_to(fold_dir.resolve())
+        ]
+        problems += [
+            f"not exported: {problem}"
+            for _, weights in _bundle_sources(part).values()
+            if (problem := weights_problem(weights)) is not None
+        ]
+    return problems
+
+
 def export(
     parts: Sequence[BundlePart],
     weights_dir: Path = WEIGHTS_DIR,
@@ -232,13 +302,16 @@ def export(
 ) -> dict[str, Any]:
     """Copy the chosen fold models of finished runs into a bundle and write its manifest.
 
-    The bundle is assembled in a temporary folder beside ``weights_dir`` and
-    renamed into place at the end, so an interrupted or refused export leaves
-    the old bundle as it was.
+    Refuses what :func:`export_problems` finds before any work. The bundle is
+    assembled in a hidden ``.<name>.staging`` folder beside ``weights_dir``,
+    under the folder's lock (:func:`nucleiseg.locks.folder_lock`), and renamed
+    into place at the end, so an interrupted or refused export leaves the old
+    bundle as it was and removes its staging folder (the next export removes
+    one a killed export left).
 
     Args:
         parts: Each run with the folds to keep and their precision.
-        weights_dir: The bundle to (re)write.
+        weights_dir: The bundle to (re)write: a new or empty folder, or a bundle.
         data_dir: Dataset with the true masks, to score each member's
             out-of-fold labels (default: the one in the run's ``run.yaml``).
         folds_csv: Folds file giving each image's fold and modality.
@@ -254,74 +327,87 @@ def export(
     Raises:
         FileNotFoundError: If a run has none of the folds asked for, or a
             chosen fold has no out-of-fold labels to score.
-        ValueError: If the bundle would exceed ``max_megabytes``, or
-            ``inference`` is not a valid set of options.
+        ValueError: If :func:`export_problems` finds any (one line each), the
+            bundle would exceed ``max_megabytes``, or ``inference`` is not a
+            valid set of options.
+        nucleiseg.locks.FolderInUse: If another process is writing the bundle.
     """
     # Refuses bad fields and values before any work.
     inference = plain(asdict(with_options(InferenceOptions(), dict(inference or {}))))
     weights_dir = Path(weights_dir)
+    problems = export_problems(parts, weights_dir)
+    if problems:
+        raise ValueError("\n".join(problems))
     staging = weights_dir.with_name(f".{weights_dir.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
+    old = weights_dir.with_name(f".{weights_dir.name}.old")
+    with folder_lock(weights_dir):
+        # Left by a killed export, if there: no other export runs while the lock is held.
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        try:
+            members, files = _stage(parts, staging, data_dir, folds_csv)
+            megabytes = sum(f["bytes"] for f in files.values()) / 1e6
+            if max_megabytes is not None and megabytes > max_megabytes:
+                raise ValueError(
+                    f"the bundle would take {megabytes:.1f} MB, over the {max_megabytes:g} MB "
+                    "allowed: keep fewer folds, int8 precision or lighter models"
+                )
+            manifest = {
+                "note": note,
+                "precision": ", ".join(sorted({part.precision for part in parts})),
+                "total_megabytes": round(megabytes, 1),
+                "inference": inference,
+                "members": members,
+                "files": files,
+            }
+            with atomic_path(staging / MANIFEST) as tmp:
+                tmp.write_text(yaml.safe_dump(manifest, sort_keys=False))
+            if weights_dir.exists():
+                weights_dir.rename(old)
+            staging.rename(weights_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if old.exists() and not weights_dir.exists():
+                old.rename(weights_dir)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    return manifest
+
+
+def _stage(
+    parts: Sequence[BundlePart], staging: Path, data_dir: Path | None, folds_csv: Path
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Copy the parts' files into ``staging``; return the members and the files with their sums."""
     members, files = [], {}
     for part in parts:
-        run_dir, folds, precision = Path(part.run), part.folds, part.precision
-        weights_name = WEIGHTS if precision == "float16" else WEIGHTS_INT8
-        # An int8 bundle also takes folds that keep only their int8 weights
-        # (what new runs commit); a float16 one needs the float16 file.
-        sources = (WEIGHTS,) if precision == "float16" else (WEIGHTS_INT8, WEIGHTS)
-        chosen = {
-            k: d
-            for k, d in fold_dirs(run_dir).items()
-            if any((d / name).is_file() for name in sources) and (folds is None or k in folds)
-        }
+        run_dir = Path(part.run)
+        weights_name = WEIGHTS if part.precision == "float16" else WEIGHTS_INT8
+        chosen = _bundle_sources(part)
         if not chosen:
-            raise FileNotFoundError(f"{run_dir}: no finished fold among {folds or 'all'}")
+            raise FileNotFoundError(f"{run_dir}: no finished fold among {part.folds or 'all'}")
         per_image = evaluate_run(run_dir, data_dir, folds_csv)
         unscored = sorted(set(chosen) - set(per_image["fold"]))
         if unscored:
             raise FileNotFoundError(f"{run_dir}: folds {unscored} have no out-of-fold labels")
         names = []
-        for k, d in chosen.items():
+        for k, (d, source) in chosen.items():
             fold_name = f"{run_dir.name}/fold{k}"
             (staging / fold_name).mkdir(parents=True)
             for name in (CONFIG, RUN_INFO):
                 shutil.copyfile(d / name, staging / fold_name / name)
-            if (d / weights_name).is_file():  # the file as the run keeps it, byte for byte
-                shutil.copyfile(d / weights_name, staging / fold_name / weights_name)
+            if source.name == weights_name:  # the file as the run keeps it, byte for byte
+                shutil.copyfile(source, staging / fold_name / weights_name)
             else:
-                trained = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
-                stored = torch_bytes(compact_state(trained, precision))
+                trained = torch.load(source, map_location="cpu", weights_only=True)
+                stored = torch_bytes(compact_state(trained, part.precision))
                 write_bytes(staging / fold_name / weights_name, stored)
             names += [f"{fold_name}/{name}" for name in (CONFIG, RUN_INFO, weights_name)]
             scores = per_image.loc[per_image["fold"] == k, "score"]
-            members.append(asdict(_member(run_dir, k, d, scores, weights_name, precision)))
+            members.append(asdict(_member(run_dir, k, d, scores, weights_name, part.precision)))
         if (run_dir / POSTPROCESS_YAML).is_file():
             shutil.copyfile(run_dir / POSTPROCESS_YAML, staging / run_dir.name / POSTPROCESS_YAML)
             names.append(f"{run_dir.name}/{POSTPROCESS_YAML}")
         for name in names:
             path = staging / name
             files[name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
-    megabytes = sum(f["bytes"] for f in files.values()) / 1e6
-    if max_megabytes is not None and megabytes > max_megabytes:
-        shutil.rmtree(staging)
-        raise ValueError(
-            f"the bundle would take {megabytes:.1f} MB, over the {max_megabytes:g} MB allowed: "
-            "keep fewer folds, int8 precision or lighter models"
-        )
-    manifest = {
-        "note": note,
-        "precision": ", ".join(sorted({part.precision for part in parts})),
-        "total_megabytes": round(megabytes, 1),
-        "inference": inference,
-        "members": members,
-        "files": files,
-    }
-    with atomic_path(staging / MANIFEST) as tmp:
-        tmp.write_text(yaml.safe_dump(manifest, sort_keys=False))
-    old = weights_dir.with_name(f".{weights_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if weights_dir.exists():
-        weights_dir.rename(old)
-    staging.rename(weights_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return manifest
+    return members, files
