@@ -1,0 +1,161 @@
+"""The README and docs/ say only true things about the repository's files, names and flags.
+
+Every relative link resolves (anchors to a heading of the page linked), every
+``scripts/``, ``configs/``, ``ablations/`` and ``benchmarks/`` path named exists,
+every dotted ``nucleiseg.`` name imports or resolves, and every flag given to a
+script in a command is one that script's parser knows.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+MAX_README_LINES = 200
+
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+INLINE_CODE = re.compile(r"`[^`\n]*`")
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
+REPO_PATH = re.compile(r"(?<![\w./-])((?:scripts|configs|ablations|benchmarks)/[\w./*-]*)")
+DOTTED = re.compile(r"(?<![\w.])nucleiseg(?:\.\w+)+")
+SCRIPT_CALL = re.compile(r"(?<![\w./-])scripts/(\w+)\.py((?:[ \t]+(?:\\\n[ \t]*)?[^\s`|;&)#]+)*)")
+FLAG = re.compile(r"(?<![\w-])(--[a-z][\w-]*)")
+
+
+def _page_id(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+def _prose(text: str) -> str:
+    """The text outside code blocks and code spans, where links and headings live."""
+    return INLINE_CODE.sub("", FENCE.sub("", text))
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "").lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    found = set()
+    for heading in HEADING.findall(FENCE.sub("", page.read_text())):
+        base = slug(heading)
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        found.add(base if count == 0 else f"{base}-{count}")
+    return found
+
+
+def _links(page: Path) -> list[str]:
+    return [
+        target
+        for target in LINK.findall(_prose(page.read_text()))
+        if not re.match(r"[a-z]+:", target)  # http(s), mailto: not checked here
+    ]
+
+
+def test_the_slug_matches_githubs():
+    assert slug("U-Net++: the semantic route") == "u-net-the-semantic-route"
+    assert slug("The `--fast` preset") == "the---fast-preset"
+    assert slug("Status when the package was grouped by stage (a0f29e5)") == (
+        "status-when-the-package-was-grouped-by-stage-a0f29e5"
+    )
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_every_relative_link_resolves(page):
+    broken = []
+    for target in _links(page):
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(f"{target}: no heading #{anchor} in {linked.name}")
+    assert not broken, broken
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_every_named_repository_path_exists(page):
+    missing = []
+    for name in set(REPO_PATH.findall(page.read_text())):
+        name = name.rstrip(".")
+        if not (list(ROOT.glob(name)) if "*" in name else (ROOT / name).exists()):
+            missing.append(name)
+    assert not missing, sorted(missing)
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attribute in parts[cut:]:
+            if not hasattr(found, attribute):
+                return False
+            found = getattr(found, attribute)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_every_dotted_package_name_resolves(page):
+    names = set(DOTTED.findall(page.read_text()))
+    assert not [name for name in sorted(names) if not _resolves(name)]
+
+
+def _script_flags() -> dict[str, set[str]]:
+    flags = {}
+    for page in PAGES:
+        for name, rest in SCRIPT_CALL.findall(page.read_text()):
+            flags.setdefault(name, set()).update(FLAG.findall(rest))
+    return flags
+
+
+@pytest.mark.parametrize("script", sorted(_script_flags()))
+def test_every_flag_given_to_a_script_is_one_it_takes(script):
+    parser = importlib.import_module(f"scripts.{script}").get_args_parser()
+    known = {option for action in parser._actions for option in action.option_strings}
+    assert not sorted(_script_flags()[script] - known)
+
+
+def test_the_readme_is_a_front_page_with_the_commands_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) < MAX_README_LINES
+    commands = FENCE.search(readme).group(0).splitlines()[1:-1]
+    assert "scripts/quickstart.py" in commands[0]
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert commands[1] == ci[-1]
+    for page in (ROOT / "docs").glob("*.md"):
+        assert f"(docs/{page.name}" in readme, f"README does not link {page.name}"
+
+
+def test_the_layout_the_architecture_page_draws_is_the_package():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    package = ROOT / "src" / "nucleiseg"
+    for module in package.glob("[!_]*.py"):
+        assert f"`{module.name}`" in text, f"{module.name} missing"
+    for stage in (p for p in package.iterdir() if (p / "__init__.py").exists()):
+        assert f"{stage.name}/" in text
+        for module in stage.glob("[!_]*.py"):
+            assert f"`{module.name}`" in text, f"{stage.name}/{module.name} missing"
+    assert "tests/test_architecture.py" in text
+
+
+def test_shell_commands_in_the_docs_are_well_formed():
+    """Every ``bash`` block splits into words (no unbalanced quotes) after its continuations."""
+    for page in PAGES:
+        for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(), re.S | re.M):
+            for line in block.replace("\\\n", " ").splitlines():
+                shlex.split(line, comments=True)
