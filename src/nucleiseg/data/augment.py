@@ -16,6 +16,10 @@ step                                  p       range
 :class:`StainFluorescence`           0 *     fluorescence rendered as stained tissue
 :class:`HaematoxylinOnly`             0 *     stained tissue as haematoxylin alone
 :class:`StainJitter`                  0 *     H, E and DAB amounts x 0.7..1.3, +-0.02
+:class:`DimSignal`                    0 *     fluorescence above background x 0.2..0.7
+:class:`UnevenBackground`             0 *     fluorescence + smooth offset, 2..25 levels
+:class:`ShotNoise`                    0 *     fluorescence as Poisson counts, 0.5..4
+                                              photons per grey level
 ``InvertImg``                         0.2     fluorescence <-> brightfield look
 ``ChannelShuffle``                    0.2
 ``ToGray``                            0.1
@@ -36,6 +40,10 @@ leaving others untouched: stain jitter and haematoxylin-only rendering on
 light-background colour images (stained tissue), the fluorescence rendering on
 dark-background ones. They exist because the stage-1 test holds stained tissue
 of kinds the training set lacks (pink H&E, haematoxylin alone on pale yellow).
+The three intensity steps act on dark-background (fluorescence) crops only and
+imitate dim tissue-section fluorescence, which the stage-1 test and BitDepth
+test hold and the training set lacks: a weaker signal over the same
+background, an uneven background glow, and the photon noise of few counts.
 
 The colour steps let one model learn fluorescence, brightfield and stained
 tissue: an inverted fluorescence image looks like brightfield, an inverted
@@ -70,6 +78,9 @@ class ColourParams:
         stain_fluorescence: :class:`StainFluorescence` on fluorescence images.
         haematoxylin_only: :class:`HaematoxylinOnly` on stained tissue.
         stain_jitter: :class:`StainJitter` on light-background images.
+        dim: :class:`DimSignal` on fluorescence images.
+        uneven_background: :class:`UnevenBackground` on fluorescence images.
+        shot_noise: :class:`ShotNoise` on fluorescence images.
         invert: Invert the image (fluorescence <-> brightfield look).
         channel_shuffle: Permute the colour channels.
         grey: Replace the image by its grey level.
@@ -82,6 +93,9 @@ class ColourParams:
     stain_fluorescence: float = 0.0
     haematoxylin_only: float = 0.0
     stain_jitter: float = 0.0
+    dim: float = 0.0
+    uneven_background: float = 0.0
+    shot_noise: float = 0.0
     invert: float = 0.2
     channel_shuffle: float = 0.2
     grey: float = 0.1
@@ -251,6 +265,119 @@ class StainFluorescence(A.ImageOnlyTransform):
         return ()
 
 
+class DimSignal(A.ImageOnlyTransform):
+    """Dim a fluorescence image: its signal above the background scaled by a factor below 1.
+
+    Each pixel ``v`` becomes ``b + (v - b) * f`` with ``b`` the image's median
+    (its background level) and ``f`` uniform in ``factor``: the nuclei of a
+    dim tissue section, 20-40 grey levels above a background of 5-15, instead
+    of the bright ones of most DSB fluorescence. Light-background images are
+    returned unchanged.
+
+    Args:
+        factor: Range of the signal factor.
+        p: Probability of applying the transform.
+    """
+
+    def __init__(self, factor: tuple[float, float] = (0.2, 0.7), p: float = 0.3):
+        super().__init__(p=p)
+        self.factor = factor
+
+    def get_params(self) -> dict[str, Any]:
+        """Draw the signal factor."""
+        return {"factor": self.py_random.uniform(*self.factor)}
+
+    def apply(self, img: np.ndarray, factor: float, **params: Any) -> np.ndarray:
+        """Scale the signal of a dark-background image."""
+        if not is_dark(img):
+            return img
+        background = np.median(img.reshape(-1, img.shape[2]), axis=0).astype(np.float32)
+        dimmed = background + (img.astype(np.float32) - background) * factor
+        return np.rint(np.clip(dimmed, 0.0, 255.0)).astype(np.uint8)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        """Arguments shown by ``repr`` and used by serialization."""
+        return ("factor",)
+
+
+class UnevenBackground(A.ImageOnlyTransform):
+    """Add a smooth, uneven glow to a fluorescence image's background.
+
+    The added field is a 4x4 grid of random levels, upsampled with cubic
+    interpolation and scaled to a peak drawn from ``amplitude`` grey levels:
+    out-of-focus light and autofluorescence of a tissue section, brighter in
+    some parts of the field than others. Light-background images are
+    returned unchanged.
+
+    Args:
+        amplitude: Range of the field's peak, in grey levels.
+        p: Probability of applying the transform.
+    """
+
+    def __init__(self, amplitude: tuple[float, float] = (2.0, 25.0), p: float = 0.3):
+        super().__init__(p=p)
+        self.amplitude = amplitude
+
+    def get_params(self) -> dict[str, Any]:
+        """Draw the peak level and the coarse grid of the field."""
+        grid = self.random_generator.random((4, 4)).astype(np.float32)
+        return {"peak": self.py_random.uniform(*self.amplitude), "grid": grid}
+
+    def apply(self, img: np.ndarray, peak: float, grid: np.ndarray, **params: Any) -> np.ndarray:
+        """Add the field to a dark-background image."""
+        if not is_dark(img):
+            return img
+        field = cv2.resize(grid, img.shape[1::-1], interpolation=cv2.INTER_CUBIC)
+        field = np.clip(field, 0.0, None) * (peak / max(float(grid.max()), 1e-6))
+        lit = img.astype(np.float32) + field[..., None]
+        return np.rint(np.clip(lit, 0.0, 255.0)).astype(np.uint8)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        """Arguments shown by ``repr`` and used by serialization."""
+        return ("amplitude",)
+
+
+class ShotNoise(A.ImageOnlyTransform):
+    """Photon (Poisson) noise of a fluorescence image recorded with few counts.
+
+    A grey level ``v`` becomes ``Poisson(v * g) / g`` with ``g`` photons per
+    grey level drawn log-uniformly from ``gain``: the noise grows with the
+    signal, as in a dim camera image, unlike the even Gaussian noise of the
+    generic noise step. The draw is the same on the three channels, which a
+    grey fluorescence image has equal. Light-background images are returned
+    unchanged.
+
+    Args:
+        gain: Range of photons per grey level (fewer is noisier).
+        p: Probability of applying the transform.
+    """
+
+    def __init__(self, gain: tuple[float, float] = (0.5, 4.0), p: float = 0.3):
+        super().__init__(p=p)
+        self.gain = gain
+
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Draw the gain and the seed of the counts."""
+        low, high = self.gain
+        gain = math.exp(self.py_random.uniform(math.log(low), math.log(high)))
+        return {"gain": gain, "seed": int(self.random_generator.integers(2**31))}
+
+    def apply(self, img: np.ndarray, gain: float, seed: int, **params: Any) -> np.ndarray:
+        """Replace each grey level of a dark-background image by a photon count."""
+        if not is_dark(img):
+            return img
+        grey = img.astype(np.float64).mean(axis=2)
+        counts = np.random.default_rng(seed).poisson(grey * gain) / gain
+        noisy = img.astype(np.float64) + (counts - grey)[..., None]
+        return np.rint(np.clip(noisy, 0.0, 255.0)).astype(np.uint8)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        """Arguments shown by ``repr`` and used by serialization."""
+        return ("gain",)
+
+
 class ScaledRandomCrop(A.DualTransform):
     """Rescale by a random factor, then take a random square crop.
 
@@ -371,6 +498,9 @@ def train_transform(
         StainFluorescence(p=params.stain_fluorescence),
         HaematoxylinOnly(p=params.haematoxylin_only),
         StainJitter(p=params.stain_jitter),
+        DimSignal(p=params.dim),
+        UnevenBackground(p=params.uneven_background),
+        ShotNoise(p=params.shot_noise),
         A.InvertImg(p=params.invert),
         A.ChannelShuffle(p=params.channel_shuffle),
         A.ToGray(num_output_channels=3, p=params.grey),

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from nucleiseg.data.dataset import to_tensor
+from nucleiseg.data.intensity import normalize_input
 from nucleiseg.data.reading import Sample
 from nucleiseg.data.targets import make_targets
 from nucleiseg.inference import detection, oof, predictor
@@ -60,8 +61,8 @@ class Family(ABC):
     params_type: ClassVar[type]
 
     def prepare(self, sample: Sample, config: TrainConfig) -> Sample:
-        """A training image as the family trains on it (by default unchanged)."""
-        return sample
+        """A training image as the family trains on it: on the run's intensity scale."""
+        return Sample(sample.image_id, network_image(sample.image, config), sample.labels)
 
     @abstractmethod
     def target_fn(self, config: TrainConfig) -> Callable[[np.ndarray], Any]:
@@ -146,13 +147,14 @@ class UnetPlusPlusFamily(Family):
 
     def evaluate(self, model, sample, config, device):
         model.eval()
-        logits = predict_logits(model, sample.image, device, config.amp)
+        logits = predict_logits(model, network_image(sample.image, config), device, config.amp)
         targets = _semantic_targets(sample.labels, config.targets)
         loss = get_loss(config.loss)(logits[None], targets[None]).item()
         return loss, torch.sigmoid(logits).numpy()
 
     def predict(self, model, image, config, device, options=None, progress=None):
         model.eval()
+        image = network_image(image, config)
         return predict_probabilities(model, image, device, config.amp, options, progress)
 
     def tile_count(self, shape, config, options):
@@ -187,6 +189,12 @@ class UnetPlusPlusFamily(Family):
         return oof.load_probabilities(fold_dir)
 
 
+def network_image(image: np.ndarray, config: TrainConfig) -> np.ndarray:
+    """A whole RGB image on the intensity scale its run trains and predicts on
+    (:func:`nucleiseg.data.intensity.normalize_input` with ``config.input_norm``)."""
+    return normalize_input(image, config.input_norm)
+
+
 def scored_instances(labels: np.ndarray, body: np.ndarray) -> SoftInstances:
     """U-Net++ nuclei as instances, each scored by its mean body probability."""
     instances = Instances.from_labels(labels)
@@ -215,7 +223,7 @@ class MaskRCNNFamily(Family):
     params_type = InstanceParams
 
     def prepare(self, sample, config):
-        return rescale_sample(sample, config.maskrcnn)
+        return rescale_sample(super().prepare(sample, config), config.maskrcnn)
 
     def target_fn(self, config):
         return detection_targets
@@ -233,7 +241,7 @@ class MaskRCNNFamily(Family):
 
     @torch.no_grad()
     def evaluate(self, model, sample, config, device):
-        scaled = rescale_sample(sample, config.maskrcnn)
+        scaled = self.prepare(sample, config)
         image = to_tensor(scaled.image).to(device)
         targets = {k: v.to(device) for k, v in detection_targets(scaled.labels).items()}
         # The losses exist only in training mode; batch norm stays in eval mode so
@@ -249,6 +257,7 @@ class MaskRCNNFamily(Family):
         return loss, self.predict(model, sample.image, config, device)
 
     def predict(self, model, image, config, device, options=None, progress=None):
+        image = network_image(image, config)
         return detect(model, image, config.maskrcnn, device, config.amp, options, progress)
 
     def tile_count(self, shape, config, options):

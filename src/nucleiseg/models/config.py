@@ -16,6 +16,7 @@ import yaml
 
 from nucleiseg.atomic import atomic_path
 from nucleiseg.data.augment import ColourParams
+from nucleiseg.data.intensity import InputNorm
 from nucleiseg.data.modality import BRIGHTFIELD, FLUORESCENCE, TISSUE
 from nucleiseg.data.sources import parse_sources
 from nucleiseg.data.targets import TargetParams
@@ -47,6 +48,9 @@ class TrainConfig:
             :func:`nucleiseg.data.augment.train_transform` (off: crops and D4 only).
         colour: Probability of each colour step, 0 leaving it out
             (:class:`nucleiseg.data.augment.ColourParams`).
+        input_norm: Intensity scale of the network input, fixed (/255) or each
+            image stretched between two percentiles, the same in training and
+            inference (:class:`nucleiseg.data.intensity.InputNorm`).
         extra_data: External labelled folders that join every fold's training
             images (never its validation), each a mapping with ``path``,
             ``weight`` (share of crops relative to the competition images' 1),
@@ -86,6 +90,7 @@ class TrainConfig:
     scale_range: tuple[float, float] = (0.6, 1.6)
     colour_augment: bool = True
     colour: ColourParams = field(default_factory=ColourParams)
+    input_norm: InputNorm = field(default_factory=InputNorm)
     extra_data: list[dict[str, Any]] = field(default_factory=list)
     modality_weights: dict[str, float] = field(
         default_factory=lambda: {FLUORESCENCE: 1.0, BRIGHTFIELD: 3.0, TISSUE: 2.0}
