@@ -327,8 +327,8 @@ class UnevenBackground(A.ImageOnlyTransform):
         """Add the field to a dark-background image."""
         if not is_dark(img):
             return img
-        field = cv2.resize(grid, img.shape[1::-1], interpolation=cv2.INTER_CUBIC)
-        field = np.clip(field, 0.0, None) * (peak / max(float(grid.max()), 1e-6))
+        field = np.clip(cv2.resize(grid, img.shape[1::-1], interpolation=cv2.INTER_CUBIC), 0, None)
+        field *= peak / max(float(field.max()), 1e-6)
         lit = img.astype(np.float32) + field[..., None]
         return np.rint(np.clip(lit, 0.0, 255.0)).astype(np.uint8)
 
