@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,22 @@ def test_shell_commands_in_the_docs_are_well_formed():
         for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(), re.S | re.M):
             for line in block.replace("\\\n", " ").splitlines():
                 shlex.split(line, comments=True)
+
+
+# Leaderboards that score saved OOF label images only, never a model: naming a run there
+# does not need its weights.
+OOF_ONLY_LEADERBOARDS = {"training.yaml", "reported.yaml"}
+
+
+def test_every_committed_run_weight_is_read_by_a_documented_command():
+    """A run's weights are committed only where a command in the docs or a leaderboard
+    that runs models reads them; the others keep their OOF labels, configs and epoch CSVs."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "runs"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    weighted = {p.split("/")[1] for p in tracked if re.search(r"/weights_\w+\.pt$", p)}
+    assert weighted, "no committed run weights found: is this a git checkout?"
+    readers = [*PAGES, *(ROOT / "ablations").glob("*.yaml")]
+    text = "\n".join(p.read_text() for p in readers if p.name not in OOF_ONLY_LEADERBOARDS)
+    unread = [r for r in sorted(weighted) if not re.search(rf"runs/{r}(?![\w])", text)]
+    assert not unread, unread
