@@ -35,7 +35,7 @@ from nucleiseg.atomic import WriteError
 from nucleiseg.competition.folds import DEFAULT_FOLDS_PATH, parse_fold_list, read_folds
 from nucleiseg.inference.options import add_option_arguments, given_options
 from nucleiseg.models.compact import PRECISIONS
-from nucleiseg.training.reference import WEIGHTS_DIR, BundlePart, export, export_problems
+from nucleiseg.training.reference import WEIGHTS_DIR, BundlePart, export
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -79,7 +79,6 @@ def main(args: argparse.Namespace) -> dict:
                 strict=True,
             )
         ]
-    cli.refuse_if(export_problems(parts, args.out))
     with (
         cli.refusing(ValueError, FileNotFoundError),
         cli.refusing(WriteError, status=cli.FAILURE_STATUS),

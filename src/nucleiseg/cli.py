@@ -78,6 +78,9 @@ def refuse_if(problems: Iterable[str | None]) -> None:
 def refusing(*errors: type[Exception], status: int = USAGE_STATUS) -> Iterator[None]:
     """Turn the given exceptions raised in the block into :func:`refuse` with their messages.
 
+    A message of several lines (one problem a line, as
+    :func:`nucleiseg.training.reference.export` raises) gives one ``error:`` line each.
+
     Args:
         errors: Exception types whose message names the file or flag at fault
             (e.g. ``DataError``); others pass through as they are.
@@ -86,4 +89,4 @@ def refusing(*errors: type[Exception], status: int = USAGE_STATUS) -> Iterator[N
     try:
         yield
     except errors as error:
-        refuse([str(error)], status)
+        refuse(str(error).splitlines() or [type(error).__name__], status)

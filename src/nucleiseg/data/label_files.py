@@ -27,6 +27,22 @@ LABEL_FILE_SUFFIXES = (PNG_SUFFIX, *TIFF_SUFFIXES)
 UINT16_MAX = int(np.iinfo(np.uint16).max)
 
 
+def _largest_label(labels: np.ndarray) -> int:
+    """The largest label of an integer label image (0 when empty), checked once.
+
+    Raises:
+        ValueError: If a label is negative or exceeds the int32 range of label images.
+    """
+    if not labels.size:
+        return 0
+    low, top = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise ValueError("a label image cannot hold negative labels")
+    if top > np.iinfo(np.int32).max:
+        raise ValueError(f"label {top} exceeds the int32 range of label images")
+    return top
+
+
 def tiff_bytes(labels: np.ndarray) -> bytes:
     """A label image encoded as a deflate-compressed TIFF: uint16 when its labels fit, else uint32.
 
@@ -34,11 +50,10 @@ def tiff_bytes(labels: np.ndarray) -> bytes:
         ValueError: If a label is negative or exceeds the int32 range of label images.
     """
     labels = np.asarray(labels)
-    top = int(labels.max()) if labels.size else 0
-    if labels.size and labels.min() < 0:
-        raise ValueError("a label image cannot hold negative labels")
-    if top > np.iinfo(np.int32).max:
-        raise ValueError(f"label {top} exceeds the int32 range of label images")
+    return _encode_tiff(labels, _largest_label(labels))
+
+
+def _encode_tiff(labels: np.ndarray, top: int) -> bytes:
     dtype = np.uint16 if top <= UINT16_MAX else np.uint32
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, labels.astype(dtype), compression="zlib")
@@ -68,11 +83,11 @@ def write_label_image(
     if labels.ndim != 2 or labels.dtype.kind not in "iu":
         raise ValueError(f"expected a 2-D integer label image, got {labels.dtype} {labels.shape}")
     folder = Path(folder)
-    fits_png = not labels.size or (labels.min() >= 0 and labels.max() <= UINT16_MAX)
-    if fits_png and not tiff:
+    top = _largest_label(labels)
+    if top <= UINT16_MAX and not tiff:
         path = write_png(folder / f"{image_id}{PNG_SUFFIX}", labels.astype(np.uint16))
     else:
-        path = write_bytes(folder / f"{image_id}{TIFF_SUFFIXES[0]}", tiff_bytes(labels))
+        path = write_bytes(folder / f"{image_id}{TIFF_SUFFIXES[0]}", _encode_tiff(labels, top))
     for suffix in LABEL_FILE_SUFFIXES:
         if suffix != path.suffix:
             (folder / f"{image_id}{suffix}").unlink(missing_ok=True)
