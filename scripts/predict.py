@@ -11,6 +11,8 @@
     python scripts/predict.py --images my_tissue_ome_tiffs --pixel-size auto --fast \
         --out predictions/tissue.csv --save-labels predictions/labels --save-rois predictions/rois
     python scripts/predict.py --oof --runs runs/unetpp_effb0 --tta flip --out-dir runs/oof_flip
+    python scripts/predict.py --whole-slide slide.ome.tif --pixel-size auto --fast \
+        --out predictions/slide_labels.tif
 
 Without ``--runs``, the reference ensemble bundled in ``weights/`` predicts,
 after every file is checked against its manifest (``--weights`` names another
@@ -48,6 +50,14 @@ and weights against their recorded checksums. Each problem is printed on its
 own ``error:`` line and the exit status is 2; a file that cannot be written
 later (a full disk) stops the run with one line naming it and status 1.
 
+With ``--whole-slide``, one TIFF larger than memory (tiled or in strips; a
+pyramidal OME-TIFF's full resolution) is segmented block by block, each
+block of ``--block`` pixels seen with ``--block-margin`` pixels of context on
+every side (wider than any nucleus), and ``--out`` is its label image: a
+tiled uint32 TIFF, written tile by tile, with its record beside it; memory
+does not grow with the slide (see :mod:`nucleiseg.inference.slide`). The
+progress bar counts blocks. ``--images`` and the side outputs do not apply.
+
 With ``--oof``, each training image of the runs' data is predicted by the
 models of its own fold only, and the label images are written as a run
 folder (``<out-dir>/fold<K>/oof/labels/``) that ``scripts/evaluate_oof.py``
@@ -66,6 +76,7 @@ from pathlib import Path
 from nucleiseg import cli
 from nucleiseg.data import reading
 from nucleiseg.data.sizing import TRAIN_PIXEL_SIZE
+from nucleiseg.inference.options import DEFAULT_BLOCK, DEFAULT_MARGIN
 
 log = logging.getLogger("predict")
 
@@ -122,6 +133,25 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(not with --size-adaptive or --oof)",
     )
     cli.add_device_argument(parser)
+    parser.add_argument(
+        "--whole-slide",
+        type=Path,
+        metavar="TIFF",
+        help="segment this TIFF, larger than memory, block by block; --out is then its label "
+        "image, a tiled uint32 TIFF",
+    )
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=DEFAULT_BLOCK,
+        help="with --whole-slide: side of the blocks, a multiple of 256",
+    )
+    parser.add_argument(
+        "--block-margin",
+        type=int,
+        default=DEFAULT_MARGIN,
+        help="with --whole-slide: pixels each block sees beyond its side, wider than any nucleus",
+    )
     parser.add_argument("--oof", action="store_true", help="predict the runs' OOF images")
     parser.add_argument("--out-dir", type=Path, help="with --oof: run folder to write")
     parser.add_argument("--data-dir", type=Path, help="with --oof: dataset (default: the runs')")
@@ -238,8 +268,10 @@ class _Inputs:
 def _check_inputs(args: argparse.Namespace) -> _Inputs:
     """Check outputs, runs or bundle, images and options; refuse (status 2) naming every problem."""
     from nucleiseg.api import OPTION_NAMES, resolve_settings
-    from nucleiseg.inference.family import params_by_family
+    from nucleiseg.data.slide_files import slide_problem
+    from nucleiseg.inference.family import params_by_family, run_config
     from nucleiseg.inference.predictor import InferenceOptions, resolve_device
+    from nucleiseg.inference.slide import slide_problems
     from nucleiseg.training.checks import (
         image_problems,
         model_problems,
@@ -250,7 +282,9 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
 
     problems = []
     side = [args.save_labels, args.save_overlays, args.save_outlines, args.save_rois]
-    if args.oof:
+    if args.whole_slide is not None:
+        problems += _slide_argument_problems(args, side)
+    elif args.oof:
         if args.out_dir is None:
             problems.append("--oof needs --out-dir")
         if args.pixel_size is not None:
@@ -263,7 +297,10 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
     runs, found = model_problems(args.runs, args.weights)
     problems += found
     data_dir, fold_of = None, None
-    if args.oof:
+    if args.whole_slide is not None:
+        images = {args.whole_slide.stem: args.whole_slide}
+        found = [problem for problem in [slide_problem(args.whole_slide)] if problem]
+    elif args.oof:
         data_dir, images, fold_of, found = _oof_inputs(args, runs)
         found += split_problems(runs, fold_of, args.folds_csv)
     else:
@@ -282,6 +319,9 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
         problems.append(str(error))
     try:
         device = resolve_device(args.device)
+        if args.whole_slide is not None and settings is not None:
+            configs = [run_config(run) for run in runs] if not problems else []
+            problems += slide_problems(settings.options, configs, _flag)
         if runs and not problems:
             params = params_by_family(runs)
     except (reading.DataError, ValueError, RuntimeError) as error:
@@ -290,6 +330,35 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
     return _Inputs(
         runs, images, params, base, given, settings, device, pixel_sizes, data_dir, fold_of
     )
+
+
+def _slide_argument_problems(args: argparse.Namespace, side: list) -> list[str]:
+    """The problems of ``--whole-slide`` with the other flags and its output, one line each."""
+    from nucleiseg.inference.slide import check_blocks
+    from nucleiseg.training.checks import output_problems
+
+    problems = []
+    if args.oof:
+        problems.append("--whole-slide and --oof: choose one")
+    if args.out is None:
+        problems.append("--whole-slide needs --out, the label TIFF to write")
+    elif args.out.suffix.lower() not in (".tif", ".tiff"):
+        problems.append(f"--out {args.out}: with --whole-slide it is the label image; name a .tif")
+    elif args.out.resolve() == args.whole_slide.resolve():
+        problems.append(f"--out {args.out}: is the slide itself; name another file")
+    flags = ["--save-labels", "--save-overlays", "--save-outlines", "--save-rois"]
+    given = [flag for flag, path in zip(flags, side, strict=True) if path is not None]
+    if given:
+        problems.append(
+            f"{', '.join(given)}: not with --whole-slide, whose --out is the label image"
+        )
+    try:
+        check_blocks(args.block, args.block_margin)
+    except ValueError as error:
+        problems.append(f"--block {args.block}, --block-margin {args.block_margin}: {error}")
+    if args.out is not None:
+        problems += output_problems([args.out, _record_path(args)])
+    return problems
 
 
 def _pixel_sizes(given: str | float | None, images: dict[str, Path]) -> tuple[dict, list[str]]:
@@ -332,6 +401,8 @@ def main(args: argparse.Namespace):
         "%d images; inference options: %s", len(inputs.images), _changed(inputs.settings.options)
     )
     with cli.refusing(reading.DataError), cli.refusing(WriteError, status=cli.FAILURE_STATUS):
+        if args.whole_slide is not None:
+            return _predict_slide(args, inputs)
         return _predict_oof(args, inputs) if args.oof else _predict(args, inputs)
 
 
@@ -366,6 +437,39 @@ def _predict(args: argparse.Namespace, inputs: _Inputs) -> dict:
     if outputs.failure:
         cli.refuse([outputs.failure], status=cli.FAILURE_STATUS)
     return labels
+
+
+def _predict_slide(args: argparse.Namespace, inputs: _Inputs):
+    """Segment one slide block by block into its tiled label TIFF, then write its record."""
+    import yaml
+
+    from nucleiseg.api import Segmenter
+    from nucleiseg.atomic import write_text
+
+    segmenter = Segmenter.from_runs(
+        inputs.runs, device=inputs.device, options=inputs.base, **inputs.given
+    )
+    log.info("%d fold models", len(segmenter.members()))
+    pixel_size = inputs.pixel_sizes.get(args.whole_slide.stem)
+    result = segmenter.segment_slide(
+        args.whole_slide,
+        args.out,
+        block=args.block,
+        margin=args.block_margin,
+        pixel_size=pixel_size,
+    )
+    record = _record(args, inputs) | {
+        "images": str(args.whole_slide),
+        "whole_slide": {"block": args.block, "margin": args.block_margin},
+        "nuclei": result.nuclei,
+    }
+    write_text(_record_path(args), yaml.safe_dump(record, sort_keys=False))
+    height, width = result.shape
+    print(
+        f"{height}x{width} slide, {result.blocks} blocks, {result.nuclei} nuclei, "
+        f"{result.seconds / (height * width / 1e6):.3f} s per megapixel -> {args.out}"
+    )
+    return result
 
 
 def _record(args: argparse.Namespace, inputs: _Inputs) -> dict:

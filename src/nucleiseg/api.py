@@ -8,6 +8,7 @@
     labels = model.segment(image, fast=True)  # one model, one view
     for labels in model.segment_many(images, tile=512):
         ...
+    model.segment_slide("slide.ome.tif", "slide_labels.tif", fast=True)  # larger than memory
 
 A bundle is checked against its manifest before any model is built and
 starts from the inference options it was chosen with (its manifest's
@@ -34,6 +35,7 @@ from nucleiseg.cli import WEIGHTS_DIR
 from nucleiseg.data.reading import as_rgb_uint8, read_image
 from nucleiseg.data.sizing import pixel_size_scale
 from nucleiseg.inference import predictor
+from nucleiseg.inference import slide as slide_module
 from nucleiseg.inference.ensemble import segment_each, segment_image
 from nucleiseg.inference.family import Params, params_by_family
 from nucleiseg.inference.options import FAST_VIEWS, OPTION_FIELDS, given_options
@@ -291,6 +293,51 @@ class Segmenter:
                 yield image_id, read_image(path), own.options
 
         return segment_each(self._members(settings), items(), self.params, self.device, len(files))
+
+    def segment_slide(
+        self,
+        slide: str | os.PathLike,
+        out: str | os.PathLike,
+        *,
+        block: int = slide_module.DEFAULT_BLOCK,
+        margin: int = slide_module.DEFAULT_MARGIN,
+        **options: Any,
+    ) -> slide_module.SlideResult:
+        """Segment a whole-slide TIFF, larger than memory, into a tiled uint32 label TIFF.
+
+        The slide is read and segmented block by block, each block as
+        :meth:`segment` segments an image, and the label image is written tile
+        by tile (see :mod:`nucleiseg.inference.slide`).
+
+        Args:
+            slide: A TIFF, tiled or in strips (a pyramidal OME-TIFF: its full resolution).
+            out: The label TIFF to write (atomically; uint32, tiles of 256 px).
+            block: Side of the blocks' cores, a multiple of 256.
+            margin: Pixels each block sees beyond its core; wider than any nucleus.
+            **options: Options for this call (:data:`OPTION_NAMES`), e.g.
+                ``pixel_size=0.5``; not ``size_adaptive``.
+
+        Returns:
+            The :class:`nucleiseg.inference.slide.SlideResult`: the file, the
+            slide's shape, the number of nuclei (ids 1..nuclei), blocks and seconds.
+
+        Raises:
+            ValueError: For a bad option, block or margin, or an option a slide
+                cannot be segmented with (see :func:`nucleiseg.inference.slide.slide_problems`).
+            nucleiseg.data.reading.DataError: If the slide cannot be read window by window.
+            nucleiseg.atomic.WriteError: If ``out`` cannot be written.
+        """
+        settings = self.settings(**options)
+        members = self._members(settings)
+        slide_module.check_blocks(block, margin)
+        problems = slide_module.slide_problems(settings.options, [m.config for m in members])
+        if problems:
+            raise ValueError("; ".join(problems))
+
+        def segment(window: np.ndarray) -> np.ndarray:
+            return segment_image(members, window, self.params, self.device, settings.options)
+
+        return slide_module.segment_slide(slide, out, segment, block, margin)
 
 
 def _fast_fold(runs: Sequence[Path], folds: Collection[int] | None) -> Path:

@@ -96,7 +96,16 @@ def _stretch_to_uint8(array: np.ndarray, finite: np.ndarray) -> np.ndarray:
     # would leave it nearly black; stretch the image's own range instead. The
     # range is that of the finite pixels: one NaN or inf would blank the image.
     values = array[finite]
-    lo, hi = float(values.min()), float(values.max())
+    return stretch_to_uint8(array, float(values.min()), float(values.max()))
+
+
+def stretch_to_uint8(array: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Pixels stretched from ``lo``..``hi`` to 0..255 as :func:`as_rgb_uint8` stretches an
+    image from its own range (a part of a larger image is given the whole's range).
+
+    NaN and -inf become 0, +inf 255; a range with ``hi <= lo`` gives 0 everywhere.
+    """
+    finite = np.isfinite(array)
     if hi <= lo:
         scaled = np.zeros(array.shape)
     else:
