@@ -199,3 +199,48 @@ class NucleiDataset(Dataset):
         if isinstance(targets, np.ndarray):
             targets = torch.from_numpy(targets.astype(np.float32))
         return to_tensor(augmented["image"]), targets
+
+
+class BatchShare(Dataset):
+    """Two datasets of crops, each filling fixed places of every batch.
+
+    Of every run of ``batch_size`` consecutive items (one batch of a DataLoader
+    with ``shuffle=False``), the first ``per_batch`` come from ``shared`` and the
+    rest from ``base``, in order; so every batch holds exactly ``per_batch``
+    items of ``shared``, rather than that many on average.
+
+    Args:
+        base: Dataset of ``(batch_size - per_batch) x B`` items.
+        shared: Dataset of ``per_batch x B`` items (B batches in all).
+        batch_size: Items per batch.
+        per_batch: Items of ``shared`` in each batch, 1 to ``batch_size - 1``.
+    """
+
+    def __init__(self, base: NucleiDataset, shared: NucleiDataset, batch_size: int, per_batch: int):
+        if not 0 < per_batch < batch_size:
+            raise ValueError(f"per_batch must be 1 to {batch_size - 1}, got {per_batch}")
+        batches = len(shared) // per_batch
+        if len(shared) != batches * per_batch or len(base) != batches * (batch_size - per_batch):
+            raise ValueError(
+                f"{len(base)} and {len(shared)} items do not make whole batches of "
+                f"{batch_size - per_batch} + {per_batch}"
+            )
+        self.base, self.shared = base, shared
+        self.batch_size, self.per_batch = batch_size, per_batch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch of both datasets (see :meth:`NucleiDataset.set_epoch`)."""
+        self.base.set_epoch(epoch)
+        self.shared.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.shared)
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        batch, place = divmod(index, self.batch_size)
+        if place < self.per_batch:
+            return self.shared[batch * self.per_batch + place]
+        rest = self.batch_size - self.per_batch
+        return self.base[batch * rest + place - self.per_batch]

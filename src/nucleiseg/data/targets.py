@@ -11,6 +11,13 @@ Three channels, each a binary map:
 
 Seeds for the watershed are then "body, not border, not separation": one core
 per nucleus even where nuclei touch (see :mod:`nucleiseg.postprocessing.watershed`).
+
+A label image may mark pixels as unknown with :data:`UNKNOWN` (a pseudo-label
+leaves the pixels it is not sure of unlabelled, see
+:mod:`nucleiseg.postprocessing.pseudo_labels`): every channel is :data:`IGNORE`
+there, and the losses leave such pixels out (:mod:`nucleiseg.models.losses`).
+The other pixels' targets are those of the label image with the unknown pixels
+as background.
 """
 
 from __future__ import annotations
@@ -22,6 +29,11 @@ import numpy as np
 from scipy import ndimage as ndi
 
 CHANNELS = ("body", "border", "separation")
+# A label image's value for a pixel whose label is unknown (neither a nucleus nor
+# background); it survives augmentation, which only moves labels and pads with 0.
+UNKNOWN = -1
+# A target's value at an unknown pixel: not 0 or 1, so no loss can take it for one.
+IGNORE = 255
 
 
 @dataclass(frozen=True)
@@ -107,12 +119,14 @@ def make_targets(labels: np.ndarray, params: TargetParams | None = None) -> np.n
     """Body, border and separation maps of a label image.
 
     Args:
-        labels: 2-D int label image, 0 = background; labels below 2**24.
+        labels: 2-D int label image, 0 = background, :data:`UNKNOWN` where the
+            label is unknown; labels below 2**24.
         params: Target parameters (defaults if None).
 
     Returns:
-        uint8 array of shape (3, H, W) with values 0 or 1, channels in the
-        order of :data:`CHANNELS`.
+        uint8 array of shape (3, H, W) with values 0 or 1, and :data:`IGNORE`
+        in every channel at the unknown pixels; channels in the order of
+        :data:`CHANNELS`.
     """
     params = params or TargetParams()
     if labels.ndim != 2:
@@ -120,7 +134,13 @@ def make_targets(labels: np.ndarray, params: TargetParams | None = None) -> np.n
     labels = labels.astype(np.int32, copy=False)
     if labels.size and labels.max() >= 2**24:
         raise ValueError("labels must be below 2**24; relabel them consecutively first")
+    if labels.size and labels.min() < UNKNOWN:
+        raise ValueError(f"labels must be >= 0, or {UNKNOWN} where unknown")
+    unknown = labels == UNKNOWN
+    labels = np.where(unknown, 0, labels)
     body = labels > 0
     border = body & (inner_distance(labels) <= border_widths(labels, params)[labels])
     separation = separation_map(labels, params.separation_radius)
-    return np.stack([body, border, separation]).astype(np.uint8)
+    targets = np.stack([body, border, separation]).astype(np.uint8)
+    targets[:, unknown] = IGNORE
+    return targets

@@ -39,7 +39,7 @@ from nucleiseg.atomic import write_bytes, write_text
 from nucleiseg.competition.folds import fold_assignment, parse_fold_list
 from nucleiseg.competition.metric import average_precision
 from nucleiseg.data.augment import train_transform
-from nucleiseg.data.dataset import NucleiDataset, load_samples, sample_weights
+from nucleiseg.data.dataset import BatchShare, NucleiDataset, load_samples, sample_weights
 from nucleiseg.data.reading import Sample, find_images, labelled_root
 from nucleiseg.data.sources import LoadedSource, load_source, mix_probabilities, parse_sources
 from nucleiseg.inference.family import Family, get_family
@@ -225,16 +225,29 @@ class Trainer:
             on_prediction: Called with each sample, the family's raw output
                 (the same as the family's ``predict`` gives) and its label image.
         """
-        params = self.family.params(self.config)
-        losses, scores = [], []
-        for sample in tqdm(samples, desc="validate", unit="image", leave=False):
-            loss, raw = self.family.evaluate(self.model, sample, self.config, self.device)
-            losses.append(loss)
-            labels = self.family.to_labels(raw, params)
-            scores.append(average_precision(sample.labels, labels).score)
-            if on_prediction is not None:
-                on_prediction(sample, raw, labels)
-        return float(np.mean(losses)), float(np.mean(scores))
+        return validate(self.model, self.config, samples, self.device, on_prediction)
+
+
+def validate(
+    model: nn.Module,
+    config: TrainConfig,
+    samples: Sequence[Sample],
+    device: torch.device,
+    on_prediction: Callable[[Sample, Any, np.ndarray], None] | None = None,
+) -> tuple[float, float]:
+    """Mean loss and mean AP of a model of ``config``'s family on whole labelled images
+    (see :meth:`Trainer.validate`)."""
+    family = get_family(config.model)
+    params = family.params(config)
+    losses, scores = [], []
+    for sample in tqdm(samples, desc="validate", unit="image", leave=False):
+        loss, raw = family.evaluate(model, sample, config, device)
+        losses.append(loss)
+        labels = family.to_labels(raw, params)
+        scores.append(average_precision(sample.labels, labels).score)
+        if on_prediction is not None:
+            on_prediction(sample, raw, labels)
+    return float(np.mean(losses)), float(np.mean(scores))
 
 
 def _save(state: dict, path: Path) -> None:
@@ -252,6 +265,40 @@ def save_compact_weights(model: nn.Module, path: Path) -> None:
     save_weights(compact_state(model.state_dict(), "float16"), path)
 
 
+def finish_fold(
+    model: nn.Module,
+    config: TrainConfig,
+    val_samples: Sequence[Sample],
+    out_dir: Path,
+    device: torch.device,
+) -> tuple[float, float]:
+    """Keep a fold's model as a run commits it and predict its validation images out of fold.
+
+    The out-of-fold predictions are made with the weights as kept (rounded to
+    float16), so that the committed weights reproduce them exactly
+    (scripts/predict.py --oof).
+
+    Args:
+        model: The finished model; its weights are replaced by the kept ones.
+        config: Its configuration.
+        val_samples: The fold's held-out images with labels.
+        out_dir: Fold folder; receives weights_fp16.pt, weights_int8.pt and oof/.
+        device: Where the model runs.
+
+    Returns:
+        Mean loss and mean AP on the validation images.
+    """
+    family = get_family(config.model)
+    save_compact_weights(model, out_dir / WEIGHTS)
+    write_int8_weights(out_dir)  # what the run commits
+    load_weights(model, out_dir / WEIGHTS)
+
+    def save_oof(sample: Sample, raw: Any, labels: np.ndarray) -> None:
+        family.save_oof(out_dir, sample.image_id, raw, labels)
+
+    return validate(model, config, val_samples, device, save_oof)
+
+
 def train_fold(
     config: TrainConfig,
     train_samples: Sequence[Sample],
@@ -261,6 +308,8 @@ def train_fold(
     device: torch.device,
     resume: bool = False,
     extras: Sequence[LoadedSource] = (),
+    pseudo_labelled: Sequence[Sample] = (),
+    pseudo_per_batch: int = 0,
 ) -> nn.Module:
     """Train one fold, checkpointing every epoch, and predict its validation images.
 
@@ -278,6 +327,11 @@ def train_fold(
             by accident.
         extras: External sources whose samples join the training images only,
             drawn as often as their weights say (see :mod:`nucleiseg.data.sources`).
+        pseudo_labelled: Images of another domain with pseudo-labels (unknown
+            pixels :data:`nucleiseg.data.targets.UNKNOWN`, left out of the
+            loss), drawn for ``pseudo_per_batch`` items of every batch (see
+            :class:`nucleiseg.data.dataset.BatchShare`); never validated on.
+        pseudo_per_batch: Items of each batch drawn from ``pseudo_labelled``.
 
     Returns:
         The model after the last epoch.
@@ -301,12 +355,14 @@ def train_fold(
 
     family = trainer.family
     extra_samples = [s for extra in extras for s in extra.samples]
+    transform = train_transform(
+        config.crop_size, config.scale_range, config.colour_augment, config.colour
+    )
+    per_batch = pseudo_per_batch if pseudo_labelled else 0
     dataset = NucleiDataset(
         [family.prepare(s, config) for s in [*train_samples, *extra_samples]],
-        transform=train_transform(
-            config.crop_size, config.scale_range, config.colour_augment, config.colour
-        ),
-        samples_per_epoch=trainer.steps_per_epoch * config.batch_size,
+        transform=transform,
+        samples_per_epoch=trainer.steps_per_epoch * (config.batch_size - per_batch),
         target_fn=family.target_fn(config),
         probabilities=mix_probabilities(
             sample_weights(
@@ -316,9 +372,16 @@ def train_fold(
         ),
         seed=config.seed,
     )
-
-    def save_oof(sample: Sample, raw: Any, labels: np.ndarray) -> None:
-        family.save_oof(out_dir, sample.image_id, raw, labels)
+    if per_batch:
+        pseudo = NucleiDataset(
+            [family.prepare(s, config) for s in pseudo_labelled],
+            transform=transform,
+            samples_per_epoch=trainer.steps_per_epoch * per_batch,
+            target_fn=family.target_fn(config),
+            # Its own stream of draws: item i must not repeat the crop of base item i.
+            seed=config.seed + 1,
+        )
+        dataset = BatchShare(dataset, pseudo, config.batch_size, per_batch)
 
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
@@ -344,13 +407,10 @@ def train_fold(
         if main and epoch + 1 == config.epochs:
             # Out-of-fold predictions come from the last epoch, not the best one:
             # picking the epoch by its validation score would tune on the held-out
-            # images. They are made with the weights as kept (rounded to float16),
-            # so that the committed weights reproduce them exactly
-            # (scripts/predict.py --oof), in the last validation pass itself.
-            save_compact_weights(trainer.model, out_dir / WEIGHTS)
-            write_int8_weights(out_dir)  # what the run commits
-            load_weights(trainer.model, out_dir / WEIGHTS)
-            row["val_loss"], row["val_map"] = trainer.validate(val_samples, save_oof)
+            # images. They are made in the last validation pass itself.
+            row["val_loss"], row["val_map"] = finish_fold(
+                trainer.model, config, val_samples, out_dir, device
+            )
         elif main and (epoch + 1) % config.val_every == 0:
             row["val_loss"], row["val_map"] = trainer.validate(val_samples)
         row["seconds"] = time.perf_counter() - started

@@ -156,16 +156,26 @@ class FinetuneConfig:
             raise ValueError(f"tile must be at least 32 pixels, got {self.tile}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
-        known = set(typing.get_type_hints(TrainConfig))
-        unknown = sorted(set(self.train) - known)
-        if unknown:
-            raise ValueError(f"train: unknown setting(s) {', '.join(unknown)}")
-        fixed = sorted(set(self.train) & {*ARCHITECTURE, *MANAGED})
-        if fixed:
-            raise ValueError(
-                f"train: {', '.join(fixed)} cannot be set: the architecture is the start "
-                "model's, and the weights to start from are its own"
-            )
+        check_train_settings(self.train)
+
+
+def check_train_settings(train: dict[str, Any]) -> None:
+    """Training settings laid over a start model's configuration: known, and not its
+    architecture or the weights it starts from.
+
+    Raises:
+        ValueError: Naming every unknown or fixed setting.
+    """
+    known = set(typing.get_type_hints(TrainConfig))
+    unknown = sorted(set(train) - known)
+    if unknown:
+        raise ValueError(f"train: unknown setting(s) {', '.join(unknown)}")
+    fixed = sorted(set(train) & {*ARCHITECTURE, *MANAGED})
+    if fixed:
+        raise ValueError(
+            f"train: {', '.join(fixed)} cannot be set: the architecture is the start "
+            "model's, and the weights to start from are its own"
+        )
 
 
 def load_finetune_config(
@@ -190,16 +200,17 @@ def load_finetune_config(
         if unknown:
             raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}")
         values = merge(values, loaded)
-    values = merge(values, _given(overrides or {}))
+    values = merge(values, given_settings(overrides or {}))
     try:
         return FinetuneConfig(**values)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from error
 
 
-def _given(values: dict[str, Any]) -> dict[str, Any]:
+def given_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """Settings with the None values (options not given) left out, nested mappings too."""
     return {
-        key: _given(value) if isinstance(value, dict) else value
+        key: given_settings(value) if isinstance(value, dict) else value
         for key, value in values.items()
         if value is not None
     }
@@ -698,16 +709,16 @@ def _write_record(plan: FinetunePlan, result: FinetuneResult) -> None:
             "folds": [dataclasses.asdict(f) for f in result.folds],
         },
     }
-    text = yaml.safe_dump(_plain_floats(record), sort_keys=False)
+    text = yaml.safe_dump(plain_floats(record), sort_keys=False)
     write_text(plan.out_dir / FINETUNE_YAML, text)
 
 
-def _plain_floats(value: Any) -> Any:
+def plain_floats(value: Any) -> Any:
     """Floats rounded for reading; numpy scalars as Python numbers."""
     if isinstance(value, dict):
-        return {k: _plain_floats(v) for k, v in value.items()}
+        return {k: plain_floats(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain_floats(v) for v in value]
+        return [plain_floats(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return round(float(value), 6)
     if isinstance(value, np.integer):

@@ -54,6 +54,8 @@ from nucleiseg.models.runs import (
 )
 
 MANIFEST = "manifest.yaml"
+# What every manifest holds; other sections may be added (see :func:`export`).
+MANIFEST_KEYS = ("note", "precision", "total_megabytes", "inference", "members", "files")
 _CHUNK = 1 << 20
 
 
@@ -199,6 +201,18 @@ def _member(
     )
 
 
+def _bundled_members(run_dir: Path) -> dict[int, dict[str, Any]] | None:
+    """The manifest entries of a run inside a bundle, by fold; None for a run folder.
+
+    A bundle keeps no out-of-fold outputs, so a bundled run's members keep the
+    scores their manifest records when they go into another bundle.
+    """
+    if not (run_dir.parent / MANIFEST).is_file():
+        return None
+    members = read_manifest(run_dir.parent)["members"]
+    return {m["fold"]: m for m in members if m["run"] == run_dir.name}
+
+
 def _training_images(data_dir: str) -> str:
     """The training images of a run's data folder: itself when it is an images/ + labels/
     pair (as a fine-tuning set is), else its competition training stage."""
@@ -299,6 +313,7 @@ def export(
     max_megabytes: float | None = None,
     note: str = "",
     inference: Mapping[str, Any] | None = None,
+    sections: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Copy the chosen fold models of finished runs into a bundle and write its manifest.
 
@@ -320,6 +335,8 @@ def export(
         inference: Fields of :class:`nucleiseg.inference.predictor.InferenceOptions` the
             ensemble is meant to run with (e.g. ``{"tta": "flip"}``); the rest
             keep their defaults. The manifest records every field.
+        sections: Further sections of the manifest, by name (e.g. ``adaptation``:
+            how an adaptation made the bundle, with every setting).
 
     Returns:
         The manifest written.
@@ -334,6 +351,10 @@ def export(
     """
     # Refuses bad fields and values before any work.
     inference = plain(asdict(with_options(InferenceOptions(), dict(inference or {}))))
+    sections = dict(sections or {})
+    reserved = sorted(set(sections) & set(MANIFEST_KEYS))
+    if reserved:
+        raise ValueError(f"manifest sections {', '.join(reserved)} are the export's own")
     weights_dir = Path(weights_dir)
     problems = export_problems(parts, weights_dir)
     if problems:
@@ -357,6 +378,7 @@ def export(
                 "precision": ", ".join(sorted({part.precision for part in parts})),
                 "total_megabytes": round(megabytes, 1),
                 "inference": inference,
+                **sections,
                 "members": members,
                 "files": files,
             }
@@ -385,8 +407,12 @@ def _stage(
         chosen = _bundle_sources(part)
         if not chosen:
             raise FileNotFoundError(f"{run_dir}: no finished fold among {part.folds or 'all'}")
-        per_image = evaluate_run(run_dir, data_dir, folds_csv)
-        unscored = sorted(set(chosen) - set(per_image["fold"]))
+        recorded = _bundled_members(run_dir)
+        if recorded is None:
+            per_image = evaluate_run(run_dir, data_dir, folds_csv)
+            unscored = sorted(set(chosen) - set(per_image["fold"]))
+        else:
+            unscored = sorted(set(chosen) - set(recorded))
         if unscored:
             raise FileNotFoundError(f"{run_dir}: folds {unscored} have no out-of-fold labels")
         names = []
@@ -402,8 +428,12 @@ def _stage(
                 stored = torch_bytes(compact_state(trained, part.precision))
                 write_bytes(staging / fold_name / weights_name, stored)
             names += [f"{fold_name}/{name}" for name in (CONFIG, RUN_INFO, weights_name)]
-            scores = per_image.loc[per_image["fold"] == k, "score"]
-            members.append(asdict(_member(run_dir, k, d, scores, weights_name, part.precision)))
+            if recorded is None:
+                scores = per_image.loc[per_image["fold"] == k, "score"]
+                members.append(asdict(_member(run_dir, k, d, scores, weights_name, part.precision)))
+            else:
+                stored = {"weights": f"{fold_name}/{weights_name}", "precision": part.precision}
+                members.append({**recorded[k], **stored})
         if (run_dir / POSTPROCESS_YAML).is_file():
             shutil.copyfile(run_dir / POSTPROCESS_YAML, staging / run_dir.name / POSTPROCESS_YAML)
             names.append(f"{run_dir.name}/{POSTPROCESS_YAML}")
