@@ -162,6 +162,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="one model (the first U-Net++ fold, else the first fold; with --oof each "
         "image's own fold) and no test-time views",
     )
+    parser.add_argument(
+        "--adapt-bn",
+        action="store_true",
+        help="re-estimate every model's BatchNorm statistics over --images before predicting "
+        "them (no labels, no training; see docs/adaptation.md)",
+    )
     add_option_arguments(parser)
     return parser
 
@@ -282,6 +288,9 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
 
     problems = []
     side = [args.save_labels, args.save_overlays, args.save_outlines, args.save_rois]
+    if args.adapt_bn and (args.oof or args.whole_slide is not None):
+        # OOF images are the models' own training data; a slide is never read whole.
+        problems.append("--adapt-bn: only with --images (not with --oof or --whole-slide)")
     if args.whole_slide is not None:
         problems += _slide_argument_problems(args, side)
     elif args.oof:
@@ -418,6 +427,13 @@ def _predict(args: argparse.Namespace, inputs: _Inputs) -> dict:
         inputs.runs, device=inputs.device, options=inputs.base, **inputs.given
     )
     log.info("%d fold models", len(segmenter.members()))
+    if args.adapt_bn:
+        passes = segmenter.adapt_batchnorm(inputs.images)
+        log.info(
+            "BatchNorm statistics re-estimated over %d images (%d passes)",
+            len(inputs.images),
+            passes,
+        )
     outputs = _side_outputs(args)
     started = time.perf_counter()
     labels = {}
@@ -483,6 +499,7 @@ def _record(args: argparse.Namespace, inputs: _Inputs) -> dict:
         "images": str(args.images),
         **models,
         "fast": args.fast,
+        "adapt_bn": args.adapt_bn,
         "inference": plain(dataclasses.asdict(inputs.settings.options)),
     }
     if inputs.pixel_sizes:

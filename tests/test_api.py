@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import roifile
 import tifffile
+import torch
 import yaml
 from conftest import REPO_ROOT
 from helpers import refused, run_script
@@ -250,3 +251,34 @@ def test_a_failed_side_output_keeps_the_submission(folder, tmp_path, monkeypatch
     assert set(pd.read_csv(out)["ImageId"]) == set(IDS)
     assert out.with_suffix(".yaml").is_file()
     assert list(label_files(labels)) == [IDS[0]]
+
+
+def test_predict_adapt_bn_predicts_with_statistics_of_the_images_and_records_it(
+    images, folder, tmp_path
+):
+    adapted = nucleiseg.load(WEIGHTS, device="cpu", fast=True)
+    (member,) = adapted.members()
+    layer = next(m for m in member.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = layer.running_mean.clone()
+    weights_before = {
+        k: v.clone()
+        for k, v in member.model.state_dict().items()
+        if "running" not in k and "num_batches" not in k
+    }
+    assert adapted.adapt_batchnorm({i: folder / f"{i}.png" for i in IDS}) > 0
+    assert not torch.equal(layer.running_mean, before)
+    assert all(torch.equal(member.model.state_dict()[k], v) for k, v in weights_before.items())
+
+    out = tmp_path / "sub.csv"
+    argv = ["--weights", WEIGHTS, "--images", folder, "--out", out, "--fast", "--device", "cpu"]
+    labels = run_script("predict", argv + ["--adapt-bn"])
+    for image_id, image in images.items():
+        np.testing.assert_array_equal(labels[image_id], adapted.segment(image))
+    assert yaml.safe_load(out.with_suffix(".yaml").read_text())["adapt_bn"] is True
+
+
+def test_predict_adapt_bn_only_with_images(tmp_path, no_model_loads):
+    argv = ["--weights", WEIGHTS, "--oof", "--out-dir", tmp_path / "oof", "--adapt-bn"]
+    assert "--adapt-bn: only with --images (not with --oof or --whole-slide)" in refused(
+        "predict", argv
+    )

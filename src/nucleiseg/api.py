@@ -36,6 +36,7 @@ from nucleiseg.data.reading import as_rgb_uint8, read_image
 from nucleiseg.data.sizing import pixel_size_scale
 from nucleiseg.inference import predictor
 from nucleiseg.inference import slide as slide_module
+from nucleiseg.inference.batchnorm import adapt_batchnorm
 from nucleiseg.inference.ensemble import segment_each, segment_image
 from nucleiseg.inference.family import Params, params_by_family
 from nucleiseg.inference.options import FAST_VIEWS, OPTION_FIELDS, given_options
@@ -293,6 +294,30 @@ class Segmenter:
                 yield image_id, read_image(path), own.options
 
         return segment_each(self._members(settings), items(), self.params, self.device, len(files))
+
+    def adapt_batchnorm(self, files: Mapping[str, str | os.PathLike]) -> int:
+        """Re-estimate every model's BatchNorm statistics over image files (AdaBN); the
+        weights stay. Later calls predict with the new statistics.
+
+        Args:
+            files: Image id -> PNG or TIFF file, typically the images about to be segmented.
+
+        Returns:
+            The forward passes the statistics average over, summed over the models.
+
+        Raises:
+            ValueError: If ``files`` is empty.
+        """
+        return sum(
+            adapt_batchnorm(
+                member.model,
+                (read_image(path) for path in files.values()),
+                member.config,
+                self.device,
+                total=len(files),
+            )
+            for member in self.models
+        )
 
     def segment_slide(
         self,
