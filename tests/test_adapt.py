@@ -166,8 +166,28 @@ def test_batchnorm_statistics_are_re_estimated_and_the_weights_stay(make_config)
     torch.testing.assert_close(first.running_mean, seen[0].mean((0, 2, 3)))
     assert all(torch.equal(v, dict(model.named_parameters())[k]) for k, v in weights.items())
     assert first.momentum == 0.1  # put back
+    running = first.running_mean.clone()
     with pytest.raises(ValueError, match="no image"):
         adapt_batchnorm(model, [], config, torch.device("cpu"))
+    assert torch.equal(first.running_mean, running)  # a refused call changes nothing
+
+
+def test_batchnorm_variance_is_the_populations_between_images_too():
+    """Two flat images of different levels: each pass alone has little variance at the first
+    layer's input, the two together have more; an average of per-pass variances misses it."""
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    first = batchnorm_layers(model)[0]
+    seen = []
+    first.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    dark, light = np.full((64, 64, 3), 10, np.uint8), np.full((64, 64, 3), 200, np.uint8)
+    assert adapt_batchnorm(model, [dark, light], config, torch.device("cpu")) == 2
+    pixels = torch.cat([x.transpose(0, 1).flatten(1) for x in seen], dim=1).double()
+    torch.testing.assert_close(first.running_mean, pixels.mean(1).float())
+    torch.testing.assert_close(first.running_var, pixels.var(1).float(), rtol=1e-4, atol=1e-5)
+    per_pass = torch.stack([x.transpose(0, 1).flatten(1).var(1) for x in seen]).mean(0)
+    assert (first.running_var > per_pass + 1e-3).any()
 
 
 def _write_rgb(path: Path, image: np.ndarray) -> None:
