@@ -459,7 +459,9 @@ def test_epochs_without_validation_log_no_nan_and_the_weights_get_a_checksum(
 ):
     # Training and validation stubbed out: what is under test is the log and the files.
     monkeypatch.setattr(engine.Trainer, "train_one_epoch", lambda self, loader, epoch: 0.5)
-    monkeypatch.setattr(engine.Trainer, "validate", lambda self, samples, save=None: (0.25, 0.75))
+    monkeypatch.setattr(
+        engine, "validate", lambda model, config, samples, device, save=None: (0.25, 0.75)
+    )
     labels = np.zeros((64, 64), np.int32)
     labels[disk((30, 30), 8, shape=labels.shape)] = 1
     image = np.dstack([np.where(labels > 0, 200, 10).astype(np.uint8)] * 3)

@@ -87,7 +87,9 @@ def test_training_records_each_folds_training_and_held_out_images(
 ):
     # Training and validation stubbed out: what is under test is the record.
     monkeypatch.setattr(engine.Trainer, "train_one_epoch", lambda self, loader, epoch: 0.5)
-    monkeypatch.setattr(engine.Trainer, "validate", lambda self, samples, save=None: (0.2, 0.7))
+    monkeypatch.setattr(
+        engine, "validate", lambda model, config, samples, device, save=None: (0.2, 0.7)
+    )
     _, data_dir, folds, _ = recorded_run
     config = tiny_config(epochs=1)
     engine.train_folds(config, data_dir, folds, "all", tmp_path / "run", torch.device("cpu"))
