@@ -68,13 +68,12 @@ from nucleiseg.inference.predictor import (
 from nucleiseg.locks import folder_lock
 from nucleiseg.models.build import build_model, load_weights
 from nucleiseg.models.compact import PRECISIONS
-from nucleiseg.models.config import TrainConfig, load_config, merge, save_config
+from nucleiseg.models.config import TrainConfig, load_config, save_config
 from nucleiseg.models.runs import (
     CONFIG,
     EPOCHS_CSV,
     fold_dirs,
     read_run_info,
-    read_yaml,
     run_root,
     split_problem,
     weights_path,
@@ -91,7 +90,11 @@ from nucleiseg.training.checks import (
     output_problems,
     run_problems,
 )
-from nucleiseg.training.finetune import check_train_settings, given_settings, plain_floats
+from nucleiseg.training.finetune import (
+    check_train_settings,
+    load_settings,
+    plain_floats,
+)
 from nucleiseg.training.reference import (
     MANIFEST,
     BundlePart,
@@ -178,20 +181,7 @@ def load_adapt_config(
     Raises:
         ValueError: On an unknown, fixed or out-of-range setting, naming it.
     """
-    values = dataclasses.asdict(AdaptConfig())
-    where = "adaptation settings"
-    if path is not None:
-        loaded = read_yaml(path)
-        where = str(path)
-        unknown = sorted(set(loaded) - set(values))
-        if unknown:
-            raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}")
-        values = merge(values, loaded)
-    values = merge(values, given_settings(overrides or {}))
-    try:
-        return AdaptConfig(**values)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}: {error}") from error
+    return load_settings(AdaptConfig, "adaptation settings", path, overrides)
 
 
 @dataclass(frozen=True)

@@ -191,8 +191,26 @@ def load_finetune_config(
     Raises:
         ValueError: On an unknown or fixed setting, naming it.
     """
-    values = dataclasses.asdict(FinetuneConfig())
-    where = "fine-tune settings"
+    return load_settings(FinetuneConfig, "fine-tune settings", path, overrides)
+
+
+def load_settings(
+    cls: type, name: str, path: str | Path | None, overrides: dict[str, Any] | None
+) -> Any:
+    """A settings dataclass from its defaults, then a YAML file, then overrides (nested
+    mappings merged), as fine-tuning and adaptation read theirs.
+
+    Args:
+        cls: The settings dataclass.
+        name: What the settings are, naming them in errors when no file does.
+        path: YAML file with any subset of the settings, or None.
+        overrides: Settings given on the command line; None values are ignored.
+
+    Raises:
+        ValueError: On an unknown setting, or one the dataclass refuses, naming it.
+    """
+    values = dataclasses.asdict(cls())
+    where = name
     if path is not None:
         loaded = read_yaml(path)
         where = str(path)
@@ -202,7 +220,7 @@ def load_finetune_config(
         values = merge(values, loaded)
     values = merge(values, given_settings(overrides or {}))
     try:
-        return FinetuneConfig(**values)
+        return cls(**values)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from error
 
