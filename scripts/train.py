@@ -57,7 +57,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--encoder", help="smp encoder name, e.g. tu-efficientnet_b0, resnet34")
     parser.add_argument("--encoder-weights", help="pretrained encoder weights, e.g. imagenet")
-    parser.add_argument("--init-from", help="local checkpoint to start the model from")
+    parser.add_argument(
+        "--init-from",
+        help="local checkpoint to start the model from; {fold} in it stands for each fold",
+    )
     cli.add_device_argument(parser)
     parser.add_argument("--resume", action="store_true", help="continue from last.ckpt")
     return parser

@@ -4,9 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import disc_sample, tiny_config, tiny_maskrcnn_config
+from helpers import disc_labels, disc_sample, tiny_config, tiny_maskrcnn_config, write_labelled
 
 from nucleiseg.data.dataset import to_tensor
+from nucleiseg.data.reading import TRAIN_STAGE
 from nucleiseg.data.targets import make_targets
 from nucleiseg.inference import oof
 from nucleiseg.inference.family import get_family
@@ -14,9 +15,11 @@ from nucleiseg.inference.predictor import predict_probabilities
 from nucleiseg.inference.tiling import pad_to_stride
 from nucleiseg.models import runs
 from nucleiseg.models.build import build_model, load_weights
-from nucleiseg.models.config import TrainConfig, load_config
+from nucleiseg.models.compact import compact_state
+from nucleiseg.models.config import TrainConfig, load_config, save_config
 from nucleiseg.models.losses import bce_dice_loss, get_loss
 from nucleiseg.training import engine
+from nucleiseg.training.checks import training_problems
 
 
 def test_unetpp_output_shape_and_backward():
@@ -186,3 +189,47 @@ def test_whole_image_prediction_pads_to_the_stride_and_crops_back(shape):
     probabilities = predict_probabilities(model, image, torch.device("cpu"))
     assert probabilities.shape == (3, *shape)
     assert probabilities.min() >= 0 and probabilities.max() <= 1
+
+
+def test_each_fold_of_a_fine_tune_starts_from_its_own_fold(tmp_path, monkeypatch):
+    """``{fold}`` in init_from: fold K starts from fold K of the earlier run, records that
+    path, and a missing start is named before anything trains."""
+    fold_of = {"img0": 0, "img1": 0, "img2": 1, "img3": 1}
+    write_labelled(
+        tmp_path / "data" / TRAIN_STAGE, {i: disc_labels(n) for n, i in enumerate(fold_of)}
+    )
+    folds_csv = tmp_path / "folds.csv"
+    pd.DataFrame(
+        {"image_id": list(fold_of), "fold": list(fold_of.values())}
+        | {"modality": "fluorescence", "group": range(4)}
+    ).to_csv(folds_csv, index=False)
+    starts = {}
+    for fold in (0, 1):
+        torch.manual_seed(10 + fold)
+        starts[fold] = compact_state(build_model(tiny_config()).state_dict())
+        save_config(tiny_config(), tmp_path / "start" / f"fold{fold}" / runs.CONFIG)
+        runs.save_weights(starts[fold], tmp_path / "start" / f"fold{fold}" / runs.WEIGHTS)
+    config = tiny_config(epochs=1, init_from=str(tmp_path / "start" / "fold{fold}" / runs.WEIGHTS))
+    data_dir, run_dir = tmp_path / "data", tmp_path / "run"
+    assert training_problems(config, data_dir, folds_csv, "all", run_dir, False) == []
+
+    started = {}  # init_from -> the weights the fold's model held when it was validated
+
+    def validate(model, config, samples, device, save=None):
+        started[config.init_from] = {k: v.clone() for k, v in model.state_dict().items()}
+        return 0.2, 0.7
+
+    # Training stubbed out: the model validated is the one the fold started from.
+    monkeypatch.setattr(engine.Trainer, "train_one_epoch", lambda self, loader, epoch: 0.5)
+    monkeypatch.setattr(engine, "validate", validate)
+    engine.train_folds(config, data_dir, folds_csv, "all", run_dir, torch.device("cpu"))
+    for fold in (0, 1):
+        own = str(tmp_path / "start" / f"fold{fold}" / runs.WEIGHTS)
+        assert load_config(run_dir / f"fold{fold}" / runs.CONFIG).init_from == own
+        weights = started[own]
+        for name, tensor in starts[fold].items():
+            assert torch.equal(weights[name].to(tensor.dtype), tensor), (fold, name)
+
+    (tmp_path / "start" / "fold1" / runs.WEIGHTS).unlink()
+    problems = training_problems(config, data_dir, folds_csv, "all", tmp_path / "run2", False)
+    assert len(problems) == 1 and str(tmp_path / "start" / "fold1" / runs.WEIGHTS) in problems[0]

@@ -38,7 +38,8 @@ class TrainConfig:
             U-Net++, a ResNet (``resnet18/34/50``) for Mask R-CNN's FPN backbone.
         encoder_weights: Pretrained encoder weights to load (e.g. ``imagenet``),
             or None to start from scratch (nothing can be downloaded offline).
-        init_from: Local checkpoint whose model weights start the run.
+        init_from: Local checkpoint whose model weights start the run; ``{fold}`` in
+            it stands for each fold's number (see :meth:`for_fold`).
         epochs: Training epochs.
         samples_per_epoch: Random crops drawn per epoch.
         batch_size: Crops per optimisation step.
@@ -113,6 +114,16 @@ class TrainConfig:
         """Plain nested dict (tuples as lists), as written to YAML."""
         return plain(dataclasses.asdict(self))
 
+    def for_fold(self, fold: int) -> TrainConfig:
+        """The configuration fold ``fold`` trains with: ``{fold}`` in ``init_from`` becomes
+        its number, so each fold of a K-fold fine-tune starts from the same fold of an
+        earlier run (``runs/<run>/fold{fold}/weights_int8.pt``)."""
+        if self.init_from is None or FOLD_FIELD not in self.init_from:
+            return self
+        return dataclasses.replace(self, init_from=self.init_from.replace(FOLD_FIELD, str(fold)))
+
+
+FOLD_FIELD = "{fold}"
 
 # What each family changes in the defaults above (the dataclass defaults are U-Net++'s).
 # Mask R-CNN: a ResNet-18 FPN is what trains in reasonable time on a CPU; a batch

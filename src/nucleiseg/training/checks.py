@@ -22,7 +22,7 @@ from nucleiseg.data.reading import (
 )
 from nucleiseg.data.sources import parse_sources
 from nucleiseg.inference.family import get_family, read_params
-from nucleiseg.models.config import TrainConfig, config_changes, load_config
+from nucleiseg.models.config import FOLD_FIELD, TrainConfig, config_changes, load_config
 from nucleiseg.models.runs import (
     CONFIG,
     LAST,
@@ -209,7 +209,7 @@ def resume_problems(
     for fold in folds:
         saved = Path(run_dir) / f"fold{fold}" / CONFIG
         try:
-            changes = config_changes(load_config(saved), config, RESUMABLE)
+            changes = config_changes(load_config(saved), config.for_fold(fold), RESUMABLE)
         except (DataError, ValueError, TypeError) as error:
             message = str(error)
             problems.append(message if message.startswith(str(saved)) else f"{saved}: {message}")
@@ -250,6 +250,7 @@ def training_problems(
         problems += labelled_problems(Path(source.path))[1]
     images, found = labelled_problems(labelled_root(data_dir))
     problems += found
+    folds: list[int] = []
     if images:
         try:
             assignment = fold_assignment(folds_csv, images)
@@ -267,8 +268,11 @@ def training_problems(
                     "it, or choose another --out-dir"
                     for fold in started
                 ]
-    if config.init_from is not None and (problem := weights_problem(Path(config.init_from))):
-        problems.append(problem)
+    # Each fold's own start (``{fold}`` filled in); the plain path when the folds are unknown.
+    starts = {config.for_fold(fold).init_from for fold in folds} or {config.init_from}
+    for start in sorted(path for path in starts if path and FOLD_FIELD not in path):
+        if problem := weights_problem(Path(start)):
+            problems.append(problem)
     encoder = config.encoder_weights
     if encoder is not None and Path(encoder).suffix and not Path(encoder).is_file():
         problems.append(f"{encoder}: no such encoder weights file")

@@ -501,6 +501,13 @@ def train_folds(
                 )
                 write_split(out_dir, [s.image_id for s in train], [s.image_id for s in val])
             train_fold(
-                config, train, val, modalities, out_dir, device, resume=resume, extras=extras
+                config.for_fold(fold),
+                train,
+                val,
+                modalities,
+                out_dir,
+                device,
+                resume=resume,
+                extras=extras,
             )
     return folds
