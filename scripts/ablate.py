@@ -8,7 +8,9 @@ computes (or takes from the runs' caches) the out-of-fold model outputs each
 needs, scores every variant on the same images, and writes
 ``<out-dir>/<name>.csv`` and ``<out-dir>/<name>.md``: one row per variant with
 the CV overall and per modality, the delta against the baseline row and the
-seconds per image. The last line is ``best: <variant> <cv>``.
+seconds per image. The last line is ``best: <variant> <cv>``. A bad file, or a run
+whose models must run but whose weights are not there (a run kept for its OOF labels
+and records), stops it with one ``error:`` line each, exit status 2.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pandas as pd
 
 from nucleiseg import cli
 from nucleiseg.atomic import atomic_path
+from nucleiseg.data.reading import DataError
 from nucleiseg.evaluation.ablation import (
     leaderboard_markdown,
     load_ablation,
@@ -50,16 +53,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace):
-    ablation = load_ablation(args.config)
-    device = resolve_device(args.device)
+    with cli.refusing(DataError, FileNotFoundError, ValueError, RuntimeError):
+        ablation = load_ablation(args.config)
+        device = resolve_device(args.device)
     written = args.out_dir / f"{ablation.name}.csv"
     if args.update:
         if not written.is_file():
             raise SystemExit(f"error: --update: no leaderboard {written} to update")
         earlier = pd.read_csv(written, dtype={"command": str}).fillna({"command": ""})
-        results = update_leaderboard(ablation, earlier, device, args.workers)
-    else:
-        results = run_ablation(ablation, device, args.workers)
+    # A model that must run but whose run keeps no weights (only its OOF labels and
+    # records) is named before anything is predicted: one error line per run.
+    with cli.refusing(FileNotFoundError):
+        if args.update:
+            results = update_leaderboard(ablation, earlier, device, args.workers)
+        else:
+            results = run_ablation(ablation, device, args.workers)
     command = "python scripts/ablate.py --config " + shlex.quote(str(args.config))
     title = f"Ablation: {ablation.name}"
     markdown = leaderboard_markdown(results, title, command, describe_machine(device))

@@ -15,8 +15,8 @@ from its last checkpoints. After every point it writes
 number of images and arm, then every point) and ``<name>.png`` (mean AP
 against the number of training images, both curves); ``--tables-only`` writes
 those three from the finished points and trains nothing. The folders, the sizes
-and the start model are checked before any model loads (one ``error:`` line
-each, exit status 2).
+and the start model (not with ``--tables-only``, which runs no model) are checked
+before any model loads (one ``error:`` line each, exit status 2).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main(args: argparse.Namespace):
     with cli.refusing(reading.DataError, ValueError, RuntimeError):
         curve = load_curve(args.config)
         device = resolve_device(args.device)
-    cli.refuse_if(curve_problems(curve, args.out_dir))
+    cli.refuse_if(curve_problems(curve, args.out_dir, tables_only=args.tables_only))
     command = "python scripts/learning_curve.py " + shlex.join(sys.argv[1:])
     with (
         cli.refusing(reading.DataError, ValueError),

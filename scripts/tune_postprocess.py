@@ -1,7 +1,7 @@
 """Tune a run's raw output -> instances thresholds on its out-of-fold predictions.
 
-    python scripts/tune_postprocess.py runs/unetpp_effb0
-    python scripts/tune_postprocess.py runs/unetpp_effb0 --apply    # rewrite the OOF labels too
+    python scripts/tune_postprocess.py runs/unetpp_effb0_generalized
+    python scripts/tune_postprocess.py runs/unetpp_effb0_generalized --apply  # OOF labels too
     python scripts/tune_postprocess.py runs/maskrcnn_r18 --folds 3    # tune on fold 3 only
 
 U-Net++ runs tune the watershed thresholds on their probability maps, Mask
@@ -21,7 +21,9 @@ thresholds are chosen on these same out-of-fold images (a handful of numbers
 over hundreds of images, so the optimism is small), never on test images.
 
 A run folder without out-of-fold outputs, a missing dataset or an unreadable
-configuration is one ``error:`` line and exit status 2, before any work.
+configuration is one ``error:`` line and exit status 2, before any work; so is a
+fold whose raw outputs must be predicted again but whose weights are not there (a
+run kept for its OOF labels and records), when that fold is reached.
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ def main(args: argparse.Namespace) -> None:
             fold_raws = family.load_oof(fold_dir)
         except reading.DataError:  # label images only
             log.info("fold %d: no raw outputs in %s, predicting them again", fold, fold_dir)
-            fold_raws, _ = run_raws(args.run_dir, InferenceOptions(), data_dir, device, [fold])
+            # A fold without weights (a run kept for its OOF labels): one error line.
+            with cli.refusing(FileNotFoundError):
+                fold_raws, _ = run_raws(args.run_dir, InferenceOptions(), data_dir, device, [fold])
         for image_id, raw in fold_raws.items():
             raws[image_id] = raw
             fold_dir_of[image_id] = fold_dir

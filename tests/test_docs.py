@@ -179,3 +179,94 @@ def test_every_committed_run_weight_is_read_by_a_documented_command():
     text = "\n".join(p.read_text() for p in readers if p.name not in OOF_ONLY_LEADERBOARDS)
     unread = [r for r in sorted(weighted) if not re.search(rf"runs/{r}(?![\w])", text)]
     assert not unread, unread
+
+
+# Commands that run a run's models, by how they name the runs: the words after --runs, the
+# word after --from, or the first argument (tune_postprocess.py predicts its OOF outputs
+# again when they are not there, and they are never committed).
+READ_AFTER_RUNS = {"predict", "evaluate_external", "export_weights"}
+READ_AFTER_FROM = {"finetune", "adapt"}
+READ_FIRST_ARGUMENT = {"tune_postprocess"}
+RUN_WORD = re.compile(r"^(runs/[\w.-]+(?:/fold\d+)?)/?$")
+LOAD_RUN = re.compile(r"(?<![\w./-])(runs/[\w.-]+(?:/fold\d+)?)")
+RESTORE = re.compile(r"git checkout ([0-9a-f]{7,40}) -- ([^`\n]+)")
+WEIGHTS_FILE = re.compile(r"/weights_\w+\.pt$")
+
+
+def runs_whose_models_a_page_runs(text: str) -> set[str]:
+    """The run or fold folders a page's commands load models from (a placeholder such as
+    ``runs/<run>`` is no folder)."""
+    found = set()
+    for name, rest in SCRIPT_CALL.findall(text):
+        words = rest.replace("\\\n", " ").split()
+        named = []
+        if name in READ_AFTER_RUNS and "--runs" in words:
+            for word in words[words.index("--runs") + 1 :]:
+                if word.startswith("-"):
+                    break
+                named.append(word)
+        elif name in READ_AFTER_FROM and "--from" in words:
+            named = words[words.index("--from") + 1 :][:1]
+        elif name in READ_FIRST_ARGUMENT:
+            named = words[:1]
+        found.update(m.group(1) for m in map(RUN_WORD.match, named) if m)
+    for line in text.splitlines():
+        if "nucleiseg.load(" in line:
+            found.update(LOAD_RUN.findall(line))
+    return found
+
+
+def _weighted(run: str, files: list[str]) -> bool:
+    return any(f.startswith(f"{run}/") and WEIGHTS_FILE.search(f) for f in files)
+
+
+def _restored(run: str, paths: list[str]) -> bool:
+    return any(run == p or run.startswith(f"{p}/") or p.startswith(f"{run}/") for p in paths)
+
+
+def unweighted_runs_in_commands(tracked: list[str]) -> list[str]:
+    """The page commands that run a run's models whose weights ``tracked`` lacks, unless the
+    page gives the ``git checkout <commit> -- runs/<name>`` that restores them (checked
+    against that commit where this clone has it)."""
+    problems = []
+    for page in PAGES:
+        text = page.read_text()
+        restores = [(commit, paths.split()) for commit, paths in RESTORE.findall(text)]
+        for run in sorted(runs_whose_models_a_page_runs(text)):
+            if _weighted(run, tracked):
+                continue
+            commits = [(c, paths) for c, paths in restores if _restored(run, paths)]
+            if not commits:
+                problems.append(f"{_page_id(page)}: {run} has no committed weights")
+            for commit, paths in commits:
+                listed = subprocess.run(
+                    ["git", "ls-tree", "-r", "--name-only", commit, "--", *paths],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                )
+                # A clone without the commit (a shallow one) cannot check it.
+                if listed.returncode == 0 and not _weighted(run, listed.stdout.split()):
+                    problems.append(f"{_page_id(page)}: {commit} holds no weights of {run}")
+    return problems
+
+
+def test_the_runs_a_page_names_in_commands_are_found():
+    text = (
+        "`.venv/bin/python scripts/predict.py --runs runs/a runs/b/fold1 --tta flip --out x`\n"
+        "`scripts/tune_postprocess.py runs/c --folds 3`, `scripts/evaluate_oof.py runs/d`,\n"
+        "`scripts/finetune.py --images DIR --from runs/e/fold0 --out-dir runs/f`\n"
+        'model = nucleiseg.load("weights")  # or "runs/g", "runs/<run>"\n'
+    )
+    found = runs_whose_models_a_page_runs(text)
+    assert found == {"runs/a", "runs/b/fold1", "runs/c", "runs/e/fold0", "runs/g"}
+
+
+def test_every_run_a_documented_command_runs_has_committed_weights():
+    """The converse of the test above: a page command never runs the models of a run whose
+    weights are not committed (a run kept for its OOF labels, configs and epoch CSVs),
+    unless that page says which commit brings them back."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "runs"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert not unweighted_runs_in_commands(tracked)

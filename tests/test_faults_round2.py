@@ -18,11 +18,19 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
+import yaml
 from helpers import disc_labels, refused, run_script, tiny_config, write_labelled
 
 from nucleiseg.competition.folds import read_folds
 from nucleiseg.data import reading
 from nucleiseg.data.reading import TRAIN_STAGE
+from nucleiseg.evaluation.ablation import (
+    CACHE_DIR,
+    TIMING,
+    load_ablation,
+    missing_weights,
+    views_key,
+)
 from nucleiseg.inference import oof
 from nucleiseg.models import runs
 from nucleiseg.models.build import build_model
@@ -211,6 +219,39 @@ def test_tune_postprocess_on_a_folder_without_oof_outputs_is_one_error_line(tmp_
     assert refused("tune_postprocess", [tmp_path / "nowhere", "--device", "cpu"]) == [
         f"{tmp_path / 'nowhere'}: no fold<K>/{oof.OOF_DIR}/{oof.LABELS_DIR} folders"
     ]
+
+
+def test_a_run_kept_without_weights_is_one_error_line_where_its_models_must_run(tmp_path):
+    """A run kept for its OOF labels and records (issue #39): scoring those needs no model,
+    but ablate.py and tune_postprocess.py, which must predict again, name its folds."""
+    data = tmp_path / "data"
+    labels = disc_labels(0)
+    write_labelled(data / TRAIN_STAGE, {"im0": labels})
+    run = tmp_path / "kept"
+    fold_dir = run / "fold0"
+    save_config(tiny_config(), fold_dir / runs.CONFIG)
+    oof.save_prediction(fold_dir, "im0", None, labels)
+    config = tmp_path / "kept.yaml"
+    config.write_text(
+        yaml.safe_dump({"data_dir": str(data), "variants": [{"name": "plain", "runs": [str(run)]}]})
+    )
+    results = tmp_path / "results"
+    argv = ["--config", config, "--out-dir", results, "--device", "cpu"]
+    assert refused("ablate", argv) == [
+        f"{run}: no {runs.WEIGHTS} or {runs.WEIGHTS_INT8} in fold(s) 0, "
+        "whose models variant 'plain' runs"
+    ]
+    assert not results.exists()
+    (problem,) = refused("tune_postprocess", [run, "--data-dir", data, "--device", "cpu"])
+    assert problem.startswith(f"{fold_dir}: no {runs.WEIGHTS} or {runs.WEIGHTS_INT8} to predict")
+    # Outputs cached under the run's views spare the model, unless an external folder is scored.
+    ablation = load_ablation(config)
+    cache = run / CACHE_DIR / views_key(ablation.variants[0].options) / "fold0"
+    cache.mkdir(parents=True)
+    (cache / TIMING).write_text('{"seconds": 1.0, "images": 1}')
+    assert missing_weights(ablation.variants, None, external=False) == []
+    assert len(missing_weights(ablation.variants, [0], external=True)) == 1
+    assert missing_weights(ablation.variants, [1], external=True) == []
 
 
 # 7. A float TIFF without one finite pixel is refused by the input check.

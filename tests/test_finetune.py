@@ -324,3 +324,39 @@ def test_learning_curve_writes_its_tables_and_plot_and_skips_finished_points(
     pd.testing.assert_frame_equal(pd.read_csv(tables / "tiny_curve.csv"), points)
     assert "| 4 | not run yet | not run yet |  |" in (tables / "tiny_curve.md").read_text()
     assert not learning_curve.load_curve(config).point_dir(learning_curve.SCRATCH, 4, 0).exists()
+
+
+def test_learning_curve_needs_the_start_weights_to_run_points_but_not_to_write_tables(
+    tmp_path, capsys
+):
+    # A start run kept for its records: a configuration, no weights.
+    start = tmp_path / "start"
+    save_config(tiny_config(), start / "fold0" / runs.CONFIG)
+    work_dir = tmp_path / "points"
+    config = tmp_path / "curve.yaml"
+    curve = {
+        "name": "kept_curve",
+        "train": str(_folder(tmp_path / "train", 2)),
+        "test": str(_folder(tmp_path / "test", 1, seed=100)),
+        "start": str(start),
+        "sizes": [2],
+        "work_dir": str(work_dir),
+    }
+    config.write_text(yaml.safe_dump(curve))
+    results = tmp_path / "results"
+    problems = learning_curve.curve_problems(learning_curve.load_curve(config), results)
+    assert len(problems) == 1 and problems[0].startswith(f"{start}: no fold<K> folder with")
+    argv = ["--config", config, "--out-dir", results, "--device", "cpu"]
+    with pytest.raises(SystemExit) as refused:
+        run_script("learning_curve", argv)
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {problems[0]}"
+    assert not work_dir.exists() and not results.exists()
+    # --tables-only reads the finished points only: the start model's row here.
+    work_dir.mkdir()
+    start_row = {"arm": learning_curve.START, "images": 0, "test_map": 0.25}
+    (work_dir / learning_curve.START_JSON).write_text(json.dumps(start_row))
+    run_script("learning_curve", [*argv, "--tables-only"])
+    written = pd.read_csv(results / "kept_curve.csv")
+    assert written["arm"].tolist() == [learning_curve.START]
+    assert written["test_map"].tolist() == [0.25]

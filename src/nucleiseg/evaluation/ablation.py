@@ -56,7 +56,14 @@ from nucleiseg.inference import oof
 from nucleiseg.inference.ensemble import labels_from_raws, segment_images
 from nucleiseg.inference.family import Params, get_family, params_by_family, run_config
 from nucleiseg.inference.predictor import InferenceOptions, load_fold_models
-from nucleiseg.models.runs import CONFIG, fold_dirs, read_run_info, weights_path
+from nucleiseg.models.runs import (
+    CONFIG,
+    WEIGHTS,
+    WEIGHTS_INT8,
+    fold_dirs,
+    read_run_info,
+    weights_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +204,46 @@ def _has_finished_fold(run_dir: Path) -> bool:
         return False
 
 
+def _cached(run_dir: Path, options: InferenceOptions, fold: int) -> bool:
+    return (Path(run_dir) / CACHE_DIR / views_key(options) / f"fold{fold}" / TIMING).is_file()
+
+
+def missing_weights(
+    variants: Sequence[Variant], folds: Sequence[int] | None, external: bool
+) -> list[str]:
+    """What stops the variants from being scored: finished folds whose model must run but
+    whose compact weights are gone (a run kept for its OOF labels and records only).
+
+    A fold's model runs for a size-adaptive variant, for the ``external`` columns, and for
+    views whose outputs are not cached (:func:`run_raws`). Only the finished folds of
+    ``folds`` (None: every one) count.
+
+    Returns:
+        One line per run, naming its folds without weights and the first variant that
+        needs them; empty if nothing is missing.
+    """
+    missing: dict[Path, tuple[list[int], str]] = {}
+    for variant in variants:
+        for run in variant.runs:
+            for fold, fold_dir in oof.oof_fold_dirs(run).items():
+                if (folds is not None and fold not in folds) or weights_path(fold_dir):
+                    continue
+                needed = (
+                    variant.options.size_adaptive
+                    or external
+                    or not _cached(run, variant.options, fold)
+                )
+                if needed:
+                    found, name = missing.setdefault(Path(run), ([], variant.name))
+                    if fold not in found:
+                        found.append(fold)
+    return [
+        f"{run}: no {WEIGHTS} or {WEIGHTS_INT8} in fold(s) {', '.join(map(str, sorted(found)))}, "
+        f"whose models variant {name!r} runs"
+        for run, (found, name) in missing.items()
+    ]
+
+
 def run_raws(
     run_dir: Path,
     options: InferenceOptions,
@@ -212,6 +259,10 @@ def run_raws(
 
     Returns:
         Image id -> raw output, and the model seconds per image.
+
+    Raises:
+        FileNotFoundError: If a fold to predict has no outputs cached and no compact
+            weights, naming it.
     """
     run_dir = Path(run_dir)
     family = get_family(run_config(run_dir).model)
@@ -223,6 +274,11 @@ def run_raws(
             continue
         cache = run_dir / CACHE_DIR / views_key(options) / f"fold{fold}"
         if not (cache / TIMING).is_file():
+            if weights_path(fold_dir) is None:
+                raise FileNotFoundError(
+                    f"{fold_dir}: no {WEIGHTS} or {WEIGHTS_INT8} to predict its out-of-fold "
+                    f"images with, and no outputs cached in {cache}"
+                )
             _predict_fold(run_dir, fold, fold_dir, cache, images, options, device)
         timing = json.loads((cache / TIMING).read_text())
         raws.update(family.load_oof(cache))
@@ -410,6 +466,10 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
     Columns: variant, images, cv, one per modality, delta (cv minus the
     baseline's), seconds_per_image (model views + instance step, one image at
     a time on this machine), command.
+
+    Raises:
+        FileNotFoundError: Before any model runs, if a finished fold whose model must run
+            keeps no compact weights (:func:`missing_weights`), one line per run.
     """
     ready = [v for v in ablation.variants if all(_has_finished_fold(r) for r in v.runs)]
     pending = [v for v in ablation.variants if v not in ready]
@@ -417,6 +477,9 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
         raise ValueError(f"{ablation.name}: baseline {ablation.baseline!r} has no finished fold")
     for variant in pending:
         log.warning("%s: waiting for its runs (no finished fold yet)", variant.name)
+    problems = missing_weights(ready, ablation.folds, bool(ablation.external))
+    if problems:
+        raise FileNotFoundError("\n".join(problems))
     raws: dict[tuple[Path, str], dict] = {}
     model_seconds: dict[tuple[Path, str], float] = {}
     direct: dict[str, tuple[dict[str, np.ndarray], float]] = {}
@@ -501,6 +564,8 @@ def update_leaderboard(
 
     Raises:
         ValueError: If a row of ``results`` names a variant the file no longer has.
+        FileNotFoundError: If a model that must run keeps no compact weights
+            (:func:`missing_weights`), one line per run.
     """
     variants = {v.name: v for v in ablation.variants}
     gone = sorted(set(results["variant"]) - set(variants))
@@ -517,6 +582,12 @@ def update_leaderboard(
         rows = run_ablation(sub, device, workers)
         results = pd.concat([results[~results["variant"].isin(rows["variant"])], rows])
     results = results.reset_index(drop=True)
+    # Rows scored out of fold but missing an external column run their models now.
+    external = results.reindex(columns=list(ablation.external))
+    unscored = results.loc[results["cv"].notna() & external.isna().any(axis=1), "variant"]
+    problems = missing_weights([variants[name] for name in unscored], ablation.folds, True)
+    if problems:
+        raise FileNotFoundError("\n".join(problems))
     for column, folder in ablation.external.items():
         if column not in results.columns:
             results[column] = np.nan
