@@ -14,6 +14,7 @@ from nucleiseg.evaluation.summary import (
     fold_table,
     markdown_table,
     modality_table,
+    pooled_area_ratio,
     threshold_table,
 )
 from nucleiseg.inference import oof
@@ -81,6 +82,18 @@ def test_threshold_table_separates_outline_errors_from_detection_errors():
     assert (table.loc["tissue", ["0.50", "0.95"]] == 0.0).all()
     assert table.loc["all", "0.70"] == pytest.approx(1 / 6)
     assert table.loc["all", ["images", "tp", "fp", "fn"]].tolist() == [2, 2, 1, 0]
+    # Both matched nuclei keep their true area: outlines neither too large nor too small.
+    assert table.loc["fluorescence", "area_ratio"] == 1.0
+    assert np.isnan(table.loc["tissue", "area_ratio"])
+
+
+def test_the_area_ratio_pools_every_matched_nucleus_over_images():
+    per_image = pd.DataFrame(
+        {"modality": ["fluorescence"] * 3, "tp": [2, 1, 0], "area_ratio": [1.21, 0.81, np.nan]}
+    )
+    expected = np.exp((2 * np.log(1.21) + np.log(0.81)) / 3)
+    assert pooled_area_ratio(per_image) == pytest.approx(expected, rel=1e-12)
+    assert np.isnan(pooled_area_ratio(per_image.iloc[2:]))
 
 
 def test_evaluate_run_relabels_saved_instances_with_other_thresholds(tmp_path):

@@ -126,6 +126,23 @@ def test_discs_shifted_missed_and_spurious():
     np.testing.assert_allclose(result.precision, expected_tp / (6 - expected_tp))
 
 
+def test_area_ratio_of_the_nuclei_matched_at_iou_one_half():
+    truth = np.zeros(SHAPE, dtype=np.int32)
+    truth[disc((30, 30), 10)] = 1  # 305 px
+    truth[disc((30, 70), 10)] = 2  # 305 px
+    truth[disc((70, 70), 8)] = 3  # missed: not in the ratio
+    pred = np.zeros(SHAPE, dtype=np.int32)
+    pred[disc((30, 30), 12)] = 5  # grown: IoU 305 / 437 = 0.70
+    pred[disc((30, 70), 9)] = 6  # shrunk: IoU 249 / 305 = 0.82
+    pred[disc((75, 20), 6)] = 9  # spurious: not in the ratio
+    areas = [int(disc((50, 50), r).sum()) for r in (10, 12, 9)]
+    assert areas == [305, 437, 249]
+    result = average_precision(truth, pred)
+    assert result.tp[0] == 2
+    assert result.area_ratio == pytest.approx(np.sqrt(437 / 305 * 249 / 305), abs=1e-12)
+    assert np.isnan(average_precision(truth, np.zeros_like(truth)).area_ratio)
+
+
 def test_identical_images_score_one():
     truth = np.zeros(SHAPE, dtype=np.int32)
     truth[disc((30, 30), 10)] = 1

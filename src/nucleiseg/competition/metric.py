@@ -85,6 +85,9 @@ class ImageScore:
         n_true: Number of ground-truth objects.
         n_pred: Number of predicted objects.
         score: Mean over thresholds of tp / (tp + fp + fn).
+        area_ratio: Outline size: the geometric mean, over the pairs matched at IoU > 0.5,
+            of the predicted object's area over the true one's (above 1: outlines too
+            large); NaN when nothing matched. Not part of the metric.
     """
 
     tp: np.ndarray
@@ -93,6 +96,7 @@ class ImageScore:
     n_true: int
     n_pred: int
     score: float
+    area_ratio: float = float("nan")
 
     @property
     def precision(self) -> np.ndarray:
@@ -180,6 +184,11 @@ def average_precision(truth: np.ndarray, pred: np.ndarray) -> ImageScore:
     tp = hits.sum(axis=1, dtype=np.int64)
     fp = n_pred - tp
     fn = n_true - tp
+    matched = hits[0]
+    ratios = (
+        overlap.pred_area[overlap.pair_pred[matched]]
+        / overlap.true_area[overlap.pair_true[matched]]
+    )
     return ImageScore(
         tp=tp,
         fp=fp,
@@ -187,6 +196,7 @@ def average_precision(truth: np.ndarray, pred: np.ndarray) -> ImageScore:
         n_true=n_true,
         n_pred=n_pred,
         score=float(_precision(tp, fp, fn).mean()),
+        area_ratio=float(np.exp(np.log(ratios).mean())) if len(ratios) else float("nan"),
     )
 
 

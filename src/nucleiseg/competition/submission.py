@@ -71,8 +71,9 @@ class SubmissionScore(NamedTuple):
 
     Attributes:
         per_image: One row per image: image_id, score (mean precision over the
-            IoU thresholds), n_true, n_pred, tp, fp, fn at IoU 0.5, and the
-            precision at each threshold (``PRECISION_COLUMNS``).
+            IoU thresholds), n_true, n_pred, tp, fp, fn at IoU 0.5, the matched
+            nuclei's area ratio (see :class:`nucleiseg.competition.metric.ImageScore`)
+            and the precision at each threshold (``PRECISION_COLUMNS``).
         score: Mean of the per-image scores, the competition's number.
     """
 
@@ -208,11 +209,16 @@ def score_submission(
                 "tp": int(s.tp[_IOU_HALF]),
                 "fp": int(s.fp[_IOU_HALF]),
                 "fn": int(s.fn[_IOU_HALF]),
+                "area_ratio": s.area_ratio,
                 **dict(zip(PRECISION_COLUMNS, s.precision.tolist(), strict=True)),
             }
             for image_id, s in zip(truth, scores, strict=True)
         ],
-        columns=["image_id", "score", "n_true", "n_pred", "tp", "fp", "fn", *PRECISION_COLUMNS],
+        columns=[
+            "image_id",
+            *("score", "n_true", "n_pred", "tp", "fp", "fn", "area_ratio"),
+            *PRECISION_COLUMNS,
+        ],
     )
     return SubmissionScore(per_image, metric.mean_average_precision(scores))
 

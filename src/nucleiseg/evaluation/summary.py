@@ -174,11 +174,14 @@ def score_labelled(
 
 
 def print_external_report(per_image: pd.DataFrame, name: str) -> float:
-    """Print per-image and per-modality tables, then ``<name> mean AP: <value>``; return it."""
-    columns = ["image_id", "modality", "n_true", "n_pred", "tp", "fp", "fn", "score"]
+    """Print per-image, per-modality and per-threshold tables (with the matched nuclei's
+    area ratio), then ``<name> mean AP: <value>``; return it."""
+    columns = ["image_id", "modality", "n_true", "n_pred", "tp", "fp", "fn", "area_ratio", "score"]
     print(per_image[columns].to_string(index=False, float_format="%.4f"))
     print()
     print(modality_table(per_image).to_string(float_format="%.4f"))
+    print()
+    print(threshold_table(per_image).to_string(float_format="%.4f"))
     score = float(per_image["score"].mean())
     print(f"{name} mean AP: {score:.4f}")
     return score
@@ -196,8 +199,9 @@ def threshold_table(per_image: pd.DataFrame) -> pd.DataFrame:
 
     Returns:
         Frame indexed by modality (then ``all``): images, the summed tp, fp
-        and fn at IoU 0.5, and one column per threshold (``0.50`` ... ``0.95``)
-        with the mean over images of tp / (tp + fp + fn).
+        and fn at IoU 0.5, the matched nuclei's area ratio (:func:`pooled_area_ratio`,
+        where ``per_image`` has ``area_ratio``), and one column per threshold
+        (``0.50`` ... ``0.95``) with the mean over images of tp / (tp + fp + fn).
     """
     missing = {"modality", "tp", "fp", "fn", *PRECISION_COLUMNS} - set(per_image.columns)
     if missing:
@@ -209,11 +213,23 @@ def threshold_table(per_image: pd.DataFrame) -> pd.DataFrame:
         name: {
             "images": len(rows),
             **rows[["tp", "fp", "fn"]].sum().to_dict(),
+            **({"area_ratio": pooled_area_ratio(rows)} if "area_ratio" in rows else {}),
             **{column.split("@")[1]: rows[column].mean() for column in PRECISION_COLUMNS},
         }
         for name, rows in groups
     }
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("modality")
+
+
+def pooled_area_ratio(per_image: pd.DataFrame) -> float:
+    """The predicted / true area of the nuclei matched at IoU 0.5, over all these images:
+    the geometric mean of every matched pair, from each image's own geometric mean
+    (``area_ratio``) weighted by its matches (``tp``); NaN if nothing matched."""
+    matched = per_image[(per_image["tp"] > 0) & per_image["area_ratio"].notna()]
+    if matched.empty:
+        return float("nan")
+    weights = matched["tp"].to_numpy(float)
+    return float(np.exp(np.average(np.log(matched["area_ratio"].to_numpy(float)), weights=weights)))
 
 
 def _relabel(run_dir: Path, params_file: Path) -> dict[str, tuple[int, np.ndarray]]:
