@@ -30,7 +30,7 @@ import numpy as np
 import tifffile
 from skimage.draw import disk
 
-from nucleiseg.inference.options import DEFAULT_MARGIN
+from nucleiseg.inference.options import DEFAULT_BLOCK, DEFAULT_MARGIN
 
 REFERENCE_SIDE = 1000
 INPUT_TILE = 512
@@ -40,7 +40,7 @@ SPACING = 40  # px between disc centres
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--side", type=int, default=20000, help="slide side in pixels")
-    parser.add_argument("--block", type=int, help="core side (default: from the memory budget)")
+    parser.add_argument("--block", type=int, default=DEFAULT_BLOCK)
     parser.add_argument("--margin", type=int, default=DEFAULT_MARGIN)
     parser.add_argument("--weights", type=Path, default=Path("weights"))
     parser.add_argument("--device", default="cpu")
@@ -96,25 +96,22 @@ def child(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         nuclei = int(model.segment(image).max())
         seconds, megapixels = time.perf_counter() - started, REFERENCE_SIDE**2 / 1e6
-        extra = {}
     else:
         started = time.perf_counter()
         result = model.segment_slide(
             args.slide, args.out.with_suffix(".tif"), block=args.block, margin=args.margin
         )
         seconds, megapixels = time.perf_counter() - started, args.side**2 / 1e6
-        nuclei, extra = result.nuclei, {"block": result.block}
+        nuclei = result.nuclei
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {"peak_mb": peak_mb, "seconds": seconds, "megapixels": megapixels, "nuclei": nuclei}
-    report |= extra
     args.out.write_text(json.dumps(report))
 
 
 def run_child(mode: str, args: argparse.Namespace, folder: Path, slide: Path) -> dict:
     out = folder / f"{mode}.json"
     command = [sys.executable, __file__, "--child", mode, "--slide", str(slide), "--out", str(out)]
-    command += ["--side", str(args.side), "--margin", str(args.margin)]
-    command += ["--block", str(args.block)] if args.block else []
+    command += ["--side", str(args.side), "--block", str(args.block), "--margin", str(args.margin)]
     command += ["--weights", str(args.weights), "--device", args.device]
     finished = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if finished.returncode != 0:
@@ -131,8 +128,7 @@ def main(args: argparse.Namespace) -> None:
     import torch
 
     print(
-        f"whole slide {args.side}x{args.side} ({args.side**2 / 1e6:.0f} MP), "
-        f"block {args.block or 'from the budget'}, "
+        f"whole slide {args.side}x{args.side} ({args.side**2 / 1e6:.0f} MP), block {args.block}, "
         f"margin {args.margin}, --fast model of {args.weights} on {args.device}, "
         f"{torch.get_num_threads()} threads"
     )
@@ -159,7 +155,6 @@ def main(args: argparse.Namespace) -> None:
     reference, streamed = results["reference"], results["slide"]
     if "error" in reference or "error" in streamed:
         return
-    print(f"slide blocks: {streamed['block']} px cores, margin {args.margin} px")
     time_ratio = (streamed["seconds"] / streamed["megapixels"]) / (
         reference["seconds"] / reference["megapixels"]
     )

@@ -76,7 +76,7 @@ from pathlib import Path
 from nucleiseg import cli
 from nucleiseg.data import reading
 from nucleiseg.data.sizing import TRAIN_PIXEL_SIZE
-from nucleiseg.inference.options import DEFAULT_MARGIN
+from nucleiseg.inference.options import DEFAULT_BLOCK, DEFAULT_MARGIN
 
 log = logging.getLogger("predict")
 
@@ -143,8 +143,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--block",
         type=int,
-        help="with --whole-slide: side of the blocks, a multiple of 256 (default: the largest "
-        "whose window 2 x 2 passes of --max-memory cover)",
+        default=DEFAULT_BLOCK,
+        help="with --whole-slide: side of the blocks, a multiple of 256",
     )
     parser.add_argument(
         "--block-margin",
@@ -343,7 +343,6 @@ def _check_inputs(args: argparse.Namespace) -> _Inputs:
 
 def _slide_argument_problems(args: argparse.Namespace, side: list) -> list[str]:
     """The problems of ``--whole-slide`` with the other flags and its output, one line each."""
-    from nucleiseg.data.slide_files import LABEL_TILE
     from nucleiseg.inference.slide import check_blocks
     from nucleiseg.training.checks import output_problems
 
@@ -363,7 +362,7 @@ def _slide_argument_problems(args: argparse.Namespace, side: list) -> list[str]:
             f"{', '.join(given)}: not with --whole-slide, whose --out is the label image"
         )
     try:
-        check_blocks(args.block or LABEL_TILE, args.block_margin)
+        check_blocks(args.block, args.block_margin)
     except ValueError as error:
         problems.append(f"--block {args.block}, --block-margin {args.block_margin}: {error}")
     if args.out is not None:
@@ -477,7 +476,7 @@ def _predict_slide(args: argparse.Namespace, inputs: _Inputs):
     )
     record = _record(args, inputs) | {
         "images": str(args.whole_slide),
-        "whole_slide": {"block": result.block, "margin": args.block_margin},
+        "whole_slide": {"block": args.block, "margin": args.block_margin},
         "nuclei": result.nuclei,
     }
     write_text(_record_path(args), yaml.safe_dump(record, sort_keys=False))

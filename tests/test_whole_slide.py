@@ -20,8 +20,7 @@ from nucleiseg.competition.metric import average_precision
 from nucleiseg.data.reading import DataError, read_image
 from nucleiseg.data.slide_files import LABEL_TILE, SlideReader, slide_problem
 from nucleiseg.inference import options, slide
-from nucleiseg.inference.predictor import UNETPP_BYTES_PER_PIXEL, InferenceOptions
-from nucleiseg.inference.tiling import auto_tile, padded_shape, tiles
+from nucleiseg.inference.predictor import InferenceOptions
 
 WEIGHTS = REPO_ROOT / "weights"
 
@@ -147,32 +146,7 @@ def test_whole_image_options_and_bad_blocks_are_refused():
     for block, margin in [(300, 32), (0, 32), (256, -1)]:
         with pytest.raises(ValueError):
             slide.check_blocks(block, margin)
-    assert options.DEFAULT_MARGIN == 128
-
-
-@pytest.mark.parametrize(
-    "choice",
-    [{}, {"max_memory": 0.5}, {"tile": 512}, {"scales": [1.0, 1.25]}, {"overlap": 64}],
-)
-def test_the_default_block_is_the_largest_whose_window_four_passes_of_the_budget_cover(choice):
-    chosen = InferenceOptions(**choice)
-
-    def passes(core: int) -> int:  # network passes of one view over an inner window
-        side = round((core + 2 * options.DEFAULT_MARGIN) * max(chosen.scales))
-        shape = padded_shape((side, side))
-        budget = chosen.max_memory * 2**30
-        tile = chosen.tile or auto_tile(shape, UNETPP_BYTES_PER_PIXEL, budget, chosen.overlap)
-        return len(tiles(shape, tile, chosen.overlap)) if tile else 1
-
-    block = slide.budget_block(chosen)
-    assert block % LABEL_TILE == 0
-    assert passes(block) == 4 and passes(block + LABEL_TILE) > 4
-
-
-def test_the_default_block_at_the_default_budget_and_without_one():
-    assert slide.budget_block(InferenceOptions()) == 3328
-    unlimited = InferenceOptions(max_memory=float("inf"))
-    assert slide.budget_block(unlimited) == slide.UNBUDGETED_BLOCK
+    assert (options.DEFAULT_BLOCK % LABEL_TILE, options.DEFAULT_MARGIN) == (0, 128)
 
 
 def test_predict_refuses_a_bad_whole_slide_run_before_a_model_loads(

@@ -324,7 +324,7 @@ class Segmenter:
         slide: str | os.PathLike,
         out: str | os.PathLike,
         *,
-        block: int | None = None,
+        block: int = slide_module.DEFAULT_BLOCK,
         margin: int = slide_module.DEFAULT_MARGIN,
         **options: Any,
     ) -> slide_module.SlideResult:
@@ -337,8 +337,7 @@ class Segmenter:
         Args:
             slide: A TIFF, tiled or in strips (a pyramidal OME-TIFF: its full resolution).
             out: The label TIFF to write (atomically; uint32, tiles of 256 px).
-            block: Side of the blocks' cores, a multiple of 256 (default: from the
-                memory budget, :func:`nucleiseg.inference.slide.budget_block`).
+            block: Side of the blocks' cores, a multiple of 256.
             margin: Pixels each block sees beyond its core; wider than any nucleus.
             **options: Options for this call (:data:`OPTION_NAMES`), e.g.
                 ``pixel_size=0.5``; not ``size_adaptive``.
@@ -355,8 +354,6 @@ class Segmenter:
         """
         settings = self.settings(**options)
         members = self._members(settings)
-        if block is None:
-            block = slide_module.budget_block(settings.options, margin)
         slide_module.check_blocks(block, margin)
         problems = slide_module.slide_problems(settings.options, [m.config for m in members])
         if problems:

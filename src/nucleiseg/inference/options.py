@@ -19,9 +19,10 @@ FAMILY_MERGES = ("nms", "vote", "agree", "fill", "maps")
 # nucleiseg.inference.predictor.fast_preset_models): a single pass.
 FAST_VIEWS = {"tta": "none", "scales": [1.0]}
 
-# Whole-slide blocks (nucleiseg.inference.slide): the context a block's core sees on
-# every side, wider than the largest DSB 2018 nucleus at the training scale (about 100 px
-# across). The core's side comes from the memory budget (slide.budget_block).
+# Whole-slide blocks (nucleiseg.inference.slide): the side of a block's core, a multiple
+# of the label TIFF's 256 px tiles, and the context it sees on every side, wider than
+# the largest DSB 2018 nucleus at the training scale (about 100 px across).
+DEFAULT_BLOCK = 2048
 DEFAULT_MARGIN = 128
 
 

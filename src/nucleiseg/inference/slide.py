@@ -39,18 +39,13 @@ from nucleiseg.data.slide_files import (
     encode_label_tile,
     write_tiled_labels,
 )
-from nucleiseg.inference.detection import MASKRCNN_BYTES_PER_PIXEL
-from nucleiseg.inference.options import DEFAULT_MARGIN
-from nucleiseg.inference.predictor import UNETPP_BYTES_PER_PIXEL, InferenceOptions
-from nucleiseg.inference.tiling import budget_side
+from nucleiseg.inference.options import DEFAULT_BLOCK, DEFAULT_MARGIN
+from nucleiseg.inference.predictor import InferenceOptions
 from nucleiseg.models.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 _MAX_ID = int(np.iinfo(np.uint32).max)
-
-# The core side when the memory budget is unlimited (``max_memory=inf``, no tile).
-UNBUDGETED_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -79,7 +74,6 @@ class SlideResult:
         shape: (H, W) of the slide.
         nuclei: Nuclei found (the largest id; ids run 1..nuclei).
         blocks: Blocks segmented.
-        block: Side of their cores.
         seconds: Time taken.
     """
 
@@ -87,32 +81,7 @@ class SlideResult:
     shape: tuple[int, int]
     nuclei: int
     blocks: int
-    block: int
     seconds: float
-
-
-def budget_block(options: InferenceOptions, margin: int = DEFAULT_MARGIN) -> int:
-    """The default side of the cores: the largest multiple of the label tile whose window
-    (core and margins) every view covers in 2 x 2 network passes of the memory budget.
-
-    Margins and the passes' overlaps are computed but not kept, so the time per
-    megapixel of a slide is that of an image of its window's size times the share
-    of a window they take. A window of one pass spends it on its margins alone:
-    1.36x at the default 2 GB budget (1536 px cores in 1792 px windows). Four
-    passes share the margins over four times the core and add one overlap between
-    them: 1.24x (3328 px cores, windows of 3584 px in four passes of 1856 px).
-
-    Args:
-        options: The inference options: their ``tile`` (a pass's side when given),
-            else ``max_memory`` and the largest of ``scales``.
-        margin: Pixels each window adds on every side of its core.
-    """
-    if options.tile is None and math.isinf(options.max_memory):
-        return UNBUDGETED_BLOCK
-    bytes_per_pixel = max(UNETPP_BYTES_PER_PIXEL, MASKRCNN_BYTES_PER_PIXEL)
-    side = options.tile or budget_side(bytes_per_pixel, options.max_memory * 2**30, 0)
-    window = (2 * side - options.overlap) / max(options.scales)
-    return max(LABEL_TILE, int(window - 2 * margin) // LABEL_TILE * LABEL_TILE)
 
 
 def check_blocks(block: int, margin: int) -> None:
@@ -292,7 +261,7 @@ def segment_slide(
     slide: str | Path,
     out: str | Path,
     segment: Callable[[np.ndarray], np.ndarray],
-    block: int,
+    block: int = DEFAULT_BLOCK,
     margin: int = DEFAULT_MARGIN,
 ) -> SlideResult:
     """Segment a whole-slide TIFF block by block and write its label image as a tiled TIFF.
@@ -303,7 +272,7 @@ def segment_slide(
             :data:`nucleiseg.data.slide_files.LABEL_TILE` pixels (written atomically).
         segment: RGB uint8 (H, W, 3) -> integer label image (H, W), e.g. a
             :class:`nucleiseg.api.Segmenter`'s ``segment``.
-        block: Side of the cores, a multiple of the label tile (see :func:`budget_block`).
+        block: Side of the cores, a multiple of the label tile.
         margin: Pixels of the slide each core's window adds on every side; must
             be wider than any nucleus for nuclei on seams to be kept whole.
 
@@ -344,4 +313,4 @@ def segment_slide(
             path = write_tiled_labels(out, reader.shape, tiles(bar))
     seconds = time.perf_counter() - started
     log.info("%s: %d nuclei in %.1f s", path, nuclei, seconds)
-    return SlideResult(path, reader.shape, nuclei, len(blocks), block, seconds)
+    return SlideResult(path, reader.shape, nuclei, len(blocks), seconds)

@@ -156,12 +156,6 @@ def auto_tile(
     """
     if shape[0] * shape[1] * bytes_per_pixel <= max_bytes:
         return None
-    return budget_side(bytes_per_pixel, max_bytes, overlap)
-
-
-def budget_side(bytes_per_pixel: float, max_bytes: float, overlap: int) -> int:
-    """The largest square tile side (a multiple of the stride) whose forward pass fits
-    ``max_bytes``, but at least 8 strides and more than the overlap."""
     side = math.isqrt(int(max_bytes / bytes_per_pixel)) // STRIDE * STRIDE
     return max(side, 8 * STRIDE, (overlap // STRIDE + 1) * STRIDE)
 
