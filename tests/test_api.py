@@ -140,7 +140,7 @@ def test_load_refuses_missing_and_broken_folders_naming_them(tmp_path):
 
 @pytest.mark.slow
 def test_a_fold_folder_is_the_fast_presets_model_with_default_options(model, images):
-    fold = nucleiseg.load(WEIGHTS / "unetpp_effb0_generalized" / "fold0", device="cpu")
+    fold = nucleiseg.load(WEIGHTS / "unetpp_effb0_generalized_ft_bitdepth" / "fold0", device="cpu")
     assert len(fold.members()) == 1 and len(model.members()) == 1
     image = images[IDS[1]]
     np.testing.assert_array_equal(fold.segment(image), model.segment(image))

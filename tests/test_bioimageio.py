@@ -101,5 +101,8 @@ def test_bad_exports_are_refused_before_a_model_is_built(tmp_path, monkeypatch):
         "export_bioimageio",
         ["--weights", WEIGHTS, "--run", "maskrcnn_r18_generalized", "--out", tmp_path / "new"],
     )
+    assert any("no such run" in p for p in problems)
+    mask_rcnn = WEIGHTS.parent / "runs" / "maskrcnn_r18_generalized"
+    problems = refused("export_bioimageio", ["--weights", mask_rcnn, "--out", tmp_path / "new"])
     assert any("no U-Net++ run" in p for p in problems)
     assert not (tmp_path / "new").exists()
