@@ -1,13 +1,13 @@
 """The README's main job: the reference bundle on the bundled sample, end to end, no training.
 
-    python scripts/quickstart.py           # about 6 CPU minutes
+    python scripts/quickstart.py           # a few CPU minutes
     python scripts/quickstart.py --full    # every image with the whole bundle, 3x the CPU time
 
 Checks the reference weights in ``weights/`` against their manifest, then:
 
 1. segments the first ``--test-images`` (4) of the sample's test images with the
-   whole bundle (every fold model of both families, with its manifest's test-time
-   views and family merge), writes the submission to
+   whole bundle (every fold model in it, with its manifest's test-time views and,
+   where it holds both families, their merge), writes the submission to
    ``submissions/sample_reference.csv``, reads it back and validates it against
    the images, and draws each image's nuclei in ``predictions/sample_overlays/``;
 2. scores the sample's 40 labelled training images out of fold (each image only

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -224,16 +225,32 @@ def _restored(run: str, paths: list[str]) -> bool:
     return any(run == p or run.startswith(f"{p}/") or p.startswith(f"{run}/") for p in paths)
 
 
+TRAIN_CONFIG = re.compile(r"scripts/train\.py --config (\S+\.yaml)")
+
+
+def runs_a_page_trains(text: str) -> set[str]:
+    """``runs/<experiment>`` of every ``scripts/train.py --config FILE`` on a page (the run
+    folder that command writes, named by the file's ``experiment``)."""
+    runs = set()
+    for config in TRAIN_CONFIG.findall(text):
+        experiment = yaml.safe_load((ROOT / config).read_text()).get("experiment")
+        if experiment:
+            runs.add(f"runs/{experiment}")
+    return runs
+
+
 def unweighted_runs_in_commands(tracked: list[str]) -> list[str]:
     """The page commands that run a run's models whose weights ``tracked`` lacks, unless the
-    page gives the ``git checkout <commit> -- runs/<name>`` that restores them (checked
-    against that commit where this clone has it)."""
+    page trains that run itself (``scripts/train.py --config``) or gives the
+    ``git checkout <commit> -- runs/<name>`` that restores them (checked against that
+    commit where this clone has it)."""
     problems = []
     for page in PAGES:
         text = page.read_text()
         restores = [(commit, paths.split()) for commit, paths in RESTORE.findall(text)]
+        trained = runs_a_page_trains(text)
         for run in sorted(runs_whose_models_a_page_runs(text)):
-            if _weighted(run, tracked):
+            if _weighted(run, tracked) or run.split("/fold")[0] in trained:
                 continue
             commits = [(c, paths) for c, paths in restores if _restored(run, paths)]
             if not commits:
@@ -260,6 +277,13 @@ def test_the_runs_a_page_names_in_commands_are_found():
     )
     found = runs_whose_models_a_page_runs(text)
     assert found == {"runs/a", "runs/b/fold1", "runs/c", "runs/e/fold0", "runs/g"}
+
+
+def test_a_page_that_trains_a_run_may_use_it_without_committed_weights():
+    text = (
+        "`python scripts/train.py --config configs/unetpp_generalized_ft_bitdepth.yaml --fold all`"
+    )
+    assert runs_a_page_trains(text) == {"runs/unetpp_effb0_generalized_ft_bitdepth"}
 
 
 def test_every_run_a_documented_command_runs_has_committed_weights():
