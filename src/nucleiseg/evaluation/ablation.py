@@ -204,8 +204,13 @@ def _has_finished_fold(run_dir: Path) -> bool:
         return False
 
 
+def _fold_cache(run_dir: Path, options: InferenceOptions, fold: int) -> Path:
+    """Where a fold's out-of-fold raw outputs under these views are cached."""
+    return Path(run_dir) / CACHE_DIR / views_key(options) / f"fold{fold}"
+
+
 def _cached(run_dir: Path, options: InferenceOptions, fold: int) -> bool:
-    return (Path(run_dir) / CACHE_DIR / views_key(options) / f"fold{fold}" / TIMING).is_file()
+    return (_fold_cache(run_dir, options, fold) / TIMING).is_file()
 
 
 def missing_weights(
@@ -272,8 +277,8 @@ def run_raws(
     for fold, fold_dir in oof.oof_fold_dirs(run_dir).items():
         if folds is not None and fold not in folds:
             continue
-        cache = run_dir / CACHE_DIR / views_key(options) / f"fold{fold}"
-        if not (cache / TIMING).is_file():
+        cache = _fold_cache(run_dir, options, fold)
+        if not _cached(run_dir, options, fold):
             if weights_path(fold_dir) is None:
                 raise FileNotFoundError(
                     f"{fold_dir}: no {WEIGHTS} or {WEIGHTS_INT8} to predict its out-of-fold "
