@@ -1,9 +1,9 @@
 """Score a model, a run, a bundle or saved label images on any labelled folder (held-out data).
 
     python scripts/evaluate_external.py --images ../shared/data/monuseg/test
-    python scripts/evaluate_external.py --runs runs/unetpp_effb0 --folds 0 --tta flip \
+    python scripts/evaluate_external.py --runs runs/unetpp_effb0_generalized --folds 0 --tta flip \
         --images ../shared/data/monuseg/test
-    python scripts/evaluate_external.py --runs runs/unetpp_effb0 --size-adaptive \
+    python scripts/evaluate_external.py --runs runs/unetpp_effb0_generalized --size-adaptive \
         --images ../shared/data/monuseg/test --save-labels predictions/monuseg_labels
     python scripts/evaluate_external.py --labels predictions/monuseg_labels \
         --images ../shared/data/monuseg/test

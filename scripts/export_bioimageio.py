@@ -1,7 +1,7 @@
 """Export a U-Net++ fold as a bioimage.io model package (rdf.yaml, TorchScript, test tensors).
 
     python scripts/export_bioimageio.py --weights weights --fold 0 --out exports/unetpp_fold0
-    python scripts/export_bioimageio.py --weights runs/unetpp_effb0 --fold 2 \\
+    python scripts/export_bioimageio.py --weights runs/unetpp_effb0_generalized --fold 2 \\
         --test-image data/sample/stage1_test/<id>/images/<id>.png --out exports/effb0_fold2
 
 ``--weights`` is a reference bundle (its files checked against its manifest;

@@ -2,7 +2,7 @@
 
     python scripts/finetune.py --images my_nuclei --out-dir runs/finetune_my_nuclei
     python scripts/finetune.py --images ../shared/data/monuseg/train \
-        --from runs/unetpp_effb0/fold0 --out-dir runs/finetune_monuseg
+        --from runs/unetpp_effb0_generalized/fold0 --out-dir runs/finetune_monuseg
     python scripts/finetune.py --images my_nuclei --from weights --family maskrcnn \
         --out-dir runs/finetune_my_nuclei_maskrcnn
     python scripts/finetune.py --images my_nuclei --out-dir runs/finetune_my_nuclei --resume

@@ -4,13 +4,13 @@
         --out submissions/stage1_test_reference.csv
     python scripts/predict.py --runs runs/unetpp_sample --images data/sample/stage1_test \
         --out submissions/sample_unetpp.csv
-    python scripts/predict.py --runs runs/unetpp_effb0 runs/maskrcnn_r18 \
+    python scripts/predict.py --runs runs/unetpp_effb0_generalized runs/maskrcnn_r18_generalized \
         --images ../shared/data/dsb2018/stage1_test --out submissions/stage1_test_ens.csv \
         --tta d4 --scales 1.0,1.25 --save-labels predictions/labels \
         --save-overlays predictions/overlays --save-outlines predictions/outlines
     python scripts/predict.py --images my_tissue_ome_tiffs --pixel-size auto --fast \
         --out predictions/tissue.csv --save-labels predictions/labels --save-rois predictions/rois
-    python scripts/predict.py --oof --runs runs/unetpp_effb0 --tta flip --out-dir runs/oof_flip
+    python scripts/predict.py --oof --runs runs/unetpp_effb0_generalized --tta flip --out-dir runs/oof_flip
     python scripts/predict.py --whole-slide slide.ome.tif --pixel-size auto --fast \
         --out predictions/slide_labels.tif
 

@@ -2,7 +2,7 @@
 
     python scripts/tune_postprocess.py runs/unetpp_effb0_generalized
     python scripts/tune_postprocess.py runs/unetpp_effb0_generalized --apply  # OOF labels too
-    python scripts/tune_postprocess.py runs/maskrcnn_r18 --folds 3    # tune on fold 3 only
+    python scripts/tune_postprocess.py runs/maskrcnn_r18_generalized --folds 3    # tune on fold 3 only
 
 U-Net++ runs tune the watershed thresholds on their probability maps, Mask
 R-CNN runs the instance thresholds (score, mask, NMS, minimum size) on their
