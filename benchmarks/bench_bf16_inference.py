@@ -21,8 +21,9 @@ import torch
 from nucleiseg.competition.metric import average_precision
 from nucleiseg.data import reading
 from nucleiseg.data.label_files import label_files
+from nucleiseg.data.modality import classify_modality
 from nucleiseg.inference import oof
-from nucleiseg.inference.family import load_params
+from nucleiseg.inference.family import for_modality, load_params
 from nucleiseg.inference.predictor import load_fold_models, predict_probabilities
 from nucleiseg.postprocessing.watershed import instances_from_probabilities
 
@@ -52,7 +53,8 @@ def main(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             maps[bf16] = predict_probabilities(member.model, sample.image, device, amp=bf16)
             seconds[bf16] += time.perf_counter() - started
-            labels = instances_from_probabilities(maps[bf16], params)
+            own = for_modality(params, classify_modality(sample.image))
+            labels = instances_from_probabilities(maps[bf16], own)
             scores[bf16].append(average_precision(sample.labels, labels).score)
         diff = np.abs(maps[True] - maps[False])
         max_diff = max(max_diff, float(diff.max()))

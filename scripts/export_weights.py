@@ -1,7 +1,9 @@
 """Bundle the fold models of finished runs as the reference ensemble under weights/.
 
-    python scripts/export_weights.py --runs runs/unetpp_effb0_generalized --data-dir ../shared/data/dsb2018
-    python scripts/export_weights.py --runs runs/unetpp_effb0_generalized runs/maskrcnn_r18_generalized \
+    python scripts/export_weights.py --runs runs/unetpp_effb0_generalized \
+        --data-dir ../shared/data/dsb2018
+    python scripts/export_weights.py \
+        --runs runs/unetpp_effb0_generalized runs/maskrcnn_r18_generalized \
         --folds all 0,1 --precision int8 --tta flip --merge maps --max-megabytes 100
 
 ``--folds`` and ``--precision`` take one value for every run or one per run,

@@ -10,7 +10,8 @@
         --save-overlays predictions/overlays --save-outlines predictions/outlines
     python scripts/predict.py --images my_tissue_ome_tiffs --pixel-size auto --fast \
         --out predictions/tissue.csv --save-labels predictions/labels --save-rois predictions/rois
-    python scripts/predict.py --oof --runs runs/unetpp_effb0_generalized --tta flip --out-dir runs/oof_flip
+    python scripts/predict.py --oof --runs runs/unetpp_effb0_generalized --tta flip \
+        --out-dir runs/oof_flip
     python scripts/predict.py --whole-slide slide.ome.tif --pixel-size auto --fast \
         --out predictions/slide_labels.tif
 
@@ -394,7 +395,7 @@ def _pixel_sizes(given: str | float | None, images: dict[str, Path]) -> tuple[di
 
 def main(args: argparse.Namespace):
     from nucleiseg.atomic import WriteError
-    from nucleiseg.inference.family import run_config
+    from nucleiseg.inference.family import ByModality, run_config
     from nucleiseg.models.runs import postprocess_path
 
     inputs = _check_inputs(args)
@@ -405,7 +406,12 @@ def main(args: argparse.Namespace):
         source = tuned if tuned.is_file() else f"its training config (no {tuned})"
         log.info("%s: %s, thresholds from %s", run, run_config(run).model, source)
     for name, thresholds in inputs.params.items():
-        log.info("%s thresholds: %s", name, _changed(thresholds))
+        if isinstance(thresholds, ByModality):
+            log.info("%s thresholds: %s", name, _changed(thresholds.default))
+            for modality, own in thresholds.modalities:
+                log.info("%s thresholds of %s images: %s", name, modality, _changed(own))
+        else:
+            log.info("%s thresholds: %s", name, _changed(thresholds))
     log.info(
         "%d images; inference options: %s", len(inputs.images), _changed(inputs.settings.options)
     )

@@ -25,11 +25,13 @@ from nucleiseg.data.dataset import BatchShare, NucleiDataset
 from nucleiseg.data.reading import Sample
 from nucleiseg.data.targets import IGNORE, UNKNOWN, make_targets
 from nucleiseg.inference.batchnorm import adapt_batchnorm, batchnorm_layers
+from nucleiseg.inference.family import load_params
 from nucleiseg.models import runs
 from nucleiseg.models.build import build_model
 from nucleiseg.models.config import save_config
 from nucleiseg.models.losses import bce_dice_loss, bce_loss
 from nucleiseg.postprocessing.pseudo_labels import PseudoLabelParams, pseudo_labels
+from nucleiseg.postprocessing.watershed import PostprocessParams
 from nucleiseg.training import reference
 from nucleiseg.training.adapt import PSEUDO_CSV, PSEUDO_DIR, load_adapt_config
 from nucleiseg.training.engine import save_compact_weights
@@ -306,6 +308,8 @@ def test_a_tiny_adaptation_writes_pseudo_labels_and_a_bundle_predict_uses(source
     (member,) = manifest["members"]
     assert member["run"] == "start_adapted" and member["oof_images"] == 3
     reference.verify(result.bundle_dir)
+    # The target has no labels to tune on: the adapted models keep the start's thresholds.
+    assert load_params(result.bundle_dir / "start_adapted") == PostprocessParams(**lenient)
     labels = run_script(
         "predict",
         ["--weights", result.bundle_dir, "--images", target, "--out", tmp_path / "sub.csv"]

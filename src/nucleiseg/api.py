@@ -38,7 +38,7 @@ from nucleiseg.inference import predictor
 from nucleiseg.inference import slide as slide_module
 from nucleiseg.inference.batchnorm import adapt_batchnorm
 from nucleiseg.inference.ensemble import segment_each, segment_image
-from nucleiseg.inference.family import Params, params_by_family
+from nucleiseg.inference.family import Thresholds, params_by_family
 from nucleiseg.inference.options import FAST_VIEWS, OPTION_FIELDS, given_options
 from nucleiseg.inference.predictor import (
     FoldModel,
@@ -154,7 +154,7 @@ class Segmenter:
     def __init__(
         self,
         models: Sequence[FoldModel],
-        params: Mapping[str, Params],
+        params: Mapping[str, Thresholds],
         device: torch.device,
         options: InferenceOptions | None = None,
         **given: Any,

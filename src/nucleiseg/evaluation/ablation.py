@@ -54,7 +54,15 @@ from nucleiseg.data.reading import DataError
 from nucleiseg.evaluation.summary import cv_summary, score_labelled
 from nucleiseg.inference import oof
 from nucleiseg.inference.ensemble import labels_from_raws, segment_images
-from nucleiseg.inference.family import Params, get_family, params_by_family, run_config
+from nucleiseg.inference.family import (
+    Thresholds,
+    as_dict,
+    get_family,
+    params_by_family,
+    run_config,
+    thresholds_for,
+    with_settings,
+)
 from nucleiseg.inference.predictor import InferenceOptions, load_fold_models
 from nucleiseg.models.runs import (
     CONFIG,
@@ -359,7 +367,7 @@ def external_cache_path(
         "folder": str(Path(folder).resolve()),
         "folds": None if folds is None else sorted(folds),
         "options": dataclasses.asdict(variant.options),
-        "params": {k: dataclasses.asdict(v) for k, v in sorted(variant_params(variant).items())},
+        "params": {k: as_dict(v) for k, v in sorted(variant_params(variant).items())},
         "device": device.type,
         "files": files,
     }
@@ -399,10 +407,11 @@ def score_external(
     return float(scores["score"].mean())
 
 
-def variant_params(variant: Variant) -> dict[str, Params]:
-    """Thresholds per family: the first run's tuned ones, with the variant's overrides."""
+def variant_params(variant: Variant) -> dict[str, Thresholds]:
+    """Thresholds per family: the first run's tuned ones, with the variant's overrides
+    (on every modality's where they differ by modality)."""
     params = {
-        name: dataclasses.replace(base, **variant.overrides.get(name, {}))
+        name: with_settings(base, **variant.overrides.get(name, {}))
         for name, base in params_by_family(variant.runs).items()
     }
     unused = sorted(set(variant.overrides) - set(params))
@@ -424,8 +433,11 @@ def _score_image(image_id: str) -> tuple[str, float, float]:
         family: [outputs[image_id] for outputs in per_run]
         for family, per_run in _JOBS["raws"].items()
     }
+    params = _JOBS["params"]
+    if _JOBS["modality"] is not None:
+        params = thresholds_for(params, _JOBS["modality"][image_id])
     started = time.perf_counter()
-    labels = labels_from_raws(raws, _JOBS["params"], _JOBS["options"])
+    labels = labels_from_raws(raws, params, _JOBS["options"])
     seconds = time.perf_counter() - started
     return image_id, average_precision(_JOBS["truth"][image_id], labels).score, seconds
 
@@ -435,8 +447,12 @@ def score_variant(
     raws_by_run: Mapping[Path, Mapping[str, Any]],
     truth: Mapping[str, np.ndarray],
     workers: int = 2,
+    modality: Mapping[str, str] | None = None,
 ) -> tuple[pd.DataFrame, float]:
     """Mean AP per image of a variant, on the images of ``truth`` that its runs predicted.
+
+    ``modality`` (image id -> modality) picks each image's thresholds where a run's
+    depend on it (:class:`nucleiseg.inference.family.ByModality`).
 
     Returns:
         Frame with image_id and score, and the instance step's seconds per
@@ -447,7 +463,11 @@ def score_variant(
         per_family.setdefault(run_config(run).model, []).append(raws_by_run[run])
     ids = sorted(set(truth).intersection(*(set(raws_by_run[run]) for run in variant.runs)))
     _JOBS.update(
-        raws=per_family, params=variant_params(variant), options=variant.options, truth=truth
+        raws=per_family,
+        params=variant_params(variant),
+        options=variant.options,
+        truth=truth,
+        modality=modality,
     )
     try:
         if workers > 1:
@@ -530,7 +550,9 @@ def run_ablation(ablation: Ablation, device: torch.device, workers: int = 2) -> 
         else:
             key = views_key(variant.options)
             per_run = {run: raws[(run, key)] for run in variant.runs}
-            scores, instance_seconds = score_variant(variant, per_run, truth, workers)
+            scores, instance_seconds = score_variant(
+                variant, per_run, truth, workers, modality.to_dict()
+            )
             seconds = sum(model_seconds[(run, key)] for run in variant.runs) + instance_seconds
         scores["modality"] = scores["image_id"].map(modality)
         row = {"variant": variant.name, **cv_summary(scores)}

@@ -13,7 +13,7 @@ from nucleiseg.competition.submission import PRECISION_COLUMNS, score_submission
 from nucleiseg.data import reading
 from nucleiseg.data.modality import MODALITIES
 from nucleiseg.inference import oof
-from nucleiseg.inference.family import get_family, read_params
+from nucleiseg.inference.family import for_modality, get_family, read_params
 from nucleiseg.models.config import load_config
 from nucleiseg.models.runs import CONFIG, read_run_info, split_problem
 
@@ -124,7 +124,8 @@ def evaluate_run(
     if params_file is None:
         predictions = oof.load_oof_labels(run_dir)
     else:
-        predictions = _relabel(run_dir, params_file)
+        modality_of = dict(zip(folds["image_id"], folds["modality"], strict=True))
+        predictions = _relabel(run_dir, params_file, modality_of)
     if data_dir is None:
         data_dir = Path(read_run_info(next(iter(oof.oof_fold_dirs(run_dir).values())))["data_dir"])
     images = reading.find_images(reading.labelled_root(data_dir))
@@ -232,13 +233,16 @@ def pooled_area_ratio(per_image: pd.DataFrame) -> float:
     return float(np.exp(np.average(np.log(matched["area_ratio"].to_numpy(float)), weights=weights)))
 
 
-def _relabel(run_dir: Path, params_file: Path) -> dict[str, tuple[int, np.ndarray]]:
+def _relabel(
+    run_dir: Path, params_file: Path, modality_of: Mapping[str, str]
+) -> dict[str, tuple[int, np.ndarray]]:
     predictions = {}
     for fold, fold_dir in oof.oof_fold_dirs(run_dir).items():
         family = get_family(load_config(fold_dir / CONFIG).model)
         params = read_params(params_file, family)
         for image_id, raw in family.load_oof(fold_dir).items():
-            predictions[image_id] = (fold, family.to_labels(raw, params))
+            own = for_modality(params, modality_of[image_id])
+            predictions[image_id] = (fold, family.to_labels(raw, own))
     return predictions
 
 

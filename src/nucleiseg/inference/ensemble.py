@@ -30,7 +30,7 @@ from tqdm import tqdm
 from nucleiseg.data.reading import read_image
 from nucleiseg.data.sizing import rescale_factor
 from nucleiseg.inference import oof
-from nucleiseg.inference.family import Params, get_family
+from nucleiseg.inference.family import Params, Thresholds, get_family, image_thresholds
 from nucleiseg.inference.predictor import FoldModel, InferenceOptions
 from nucleiseg.models.runs import write_run_info, write_split
 from nucleiseg.postprocessing.instances import (
@@ -176,7 +176,7 @@ def labels_from_raws(
 def segment_image(
     models: Sequence[FoldModel],
     image: np.ndarray,
-    params: Mapping[str, Params],
+    params: Mapping[str, Thresholds],
     device: torch.device,
     options: InferenceOptions | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -190,7 +190,8 @@ def segment_image(
     Args:
         models: Fold models (see :func:`nucleiseg.inference.predictor.load_fold_models`).
         image: RGB uint8 (H, W, 3).
-        params: Family name -> its raw output -> instances thresholds.
+        params: Family name -> its raw output -> instances thresholds (by modality: the
+            image's are used).
         device: Where the models run.
         options: Test-time views, tiling, merge rules and size adaptation.
         progress: Called after each forward pass with the tiles done and the
@@ -201,6 +202,7 @@ def segment_image(
         int32 label image, 0 = background.
     """
     options = options or InferenceOptions()
+    params = image_thresholds(params, image)
     counter = _TileCounter(progress)
     if options.size_adaptive:
         first = dataclasses.replace(options, size_adaptive=False, tta="none", scales=(1.0,))
@@ -273,7 +275,7 @@ def _segment_once(
 def segment_each(
     models: Sequence[FoldModel],
     items: Iterable[tuple[str, np.ndarray, InferenceOptions]],
-    params: Mapping[str, Params],
+    params: Mapping[str, Thresholds],
     device: torch.device,
     total: int | None = None,
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
@@ -309,7 +311,7 @@ def segment_each(
 def segment_images(
     models: Sequence[FoldModel],
     images: Mapping[str, Path],
-    params: Mapping[str, Params],
+    params: Mapping[str, Thresholds],
     device: torch.device,
     options: InferenceOptions | None = None,
     on_labels: Callable[[str, np.ndarray, np.ndarray], None] | None = None,
@@ -341,7 +343,7 @@ def write_out_of_fold(
     models: Sequence[FoldModel],
     images: Mapping[str, Path],
     fold_of: Mapping[str, int],
-    params: Mapping[str, Params],
+    params: Mapping[str, Thresholds],
     device: torch.device,
     out_dir: Path,
     data_dir: Path,

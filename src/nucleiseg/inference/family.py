@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +32,7 @@ from torch.utils.data import default_collate
 
 from nucleiseg.data.dataset import to_tensor
 from nucleiseg.data.intensity import normalize_input
+from nucleiseg.data.modality import MODALITIES, classify_modality
 from nucleiseg.data.reading import Sample
 from nucleiseg.data.targets import make_targets
 from nucleiseg.inference import detection, oof, predictor
@@ -52,6 +53,81 @@ from nucleiseg.postprocessing.instances import (
 from nucleiseg.postprocessing.watershed import BODY, PostprocessParams, instances_from_probabilities
 
 Params = PostprocessParams | InstanceParams
+
+
+@dataclasses.dataclass(frozen=True)
+class ByModality:
+    """A family's thresholds with their own values for some imaging modalities.
+
+    A run's ``postprocess.yaml`` may hold, beside the thresholds, a ``modalities``
+    mapping of modality -> the settings that differ for its images
+    (``scripts/tune_postprocess.py --by-modality``); an image's modality is
+    :func:`nucleiseg.data.modality.classify_modality` of its pixels.
+
+    Attributes:
+        default: The thresholds of every modality without its own.
+        modalities: (modality, its thresholds) pairs.
+    """
+
+    default: Params
+    modalities: tuple[tuple[str, Params], ...] = ()
+
+    def get(self, modality: str) -> Params:
+        """The thresholds of images of ``modality``."""
+        return dict(self.modalities).get(modality, self.default)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The YAML form: the default thresholds, and under ``modalities`` what differs."""
+        values = dataclasses.asdict(self.default)
+        own = {
+            name: {k: v for k, v in dataclasses.asdict(p).items() if values[k] != v}
+            for name, p in self.modalities
+        }
+        return values | {"modalities": own} if own else values
+
+
+Thresholds = Params | ByModality
+
+
+def for_modality(params: Thresholds, modality: str) -> Params:
+    """One family's thresholds for images of ``modality``."""
+    return params.get(modality) if isinstance(params, ByModality) else params
+
+
+def thresholds_for(params: Mapping[str, Thresholds], modality: str) -> dict[str, Params]:
+    """Family name -> the thresholds of images of ``modality``."""
+    return {name: for_modality(each, modality) for name, each in params.items()}
+
+
+def image_thresholds(params: Mapping[str, Thresholds], image: np.ndarray) -> dict[str, Params]:
+    """Family name -> the thresholds of this RGB uint8 image (its modality is classified
+    only where some family's thresholds depend on it)."""
+    if not any(isinstance(each, ByModality) for each in params.values()):
+        return dict(params)
+    return thresholds_for(params, classify_modality(image))
+
+
+def with_settings(params: Thresholds, **changes: Any) -> Thresholds:
+    """The thresholds with some settings changed (in every modality's, by modality)."""
+    if isinstance(params, ByModality):
+        return ByModality(
+            dataclasses.replace(params.default, **changes),
+            tuple((m, dataclasses.replace(p, **changes)) for m, p in params.modalities),
+        )
+    return dataclasses.replace(params, **changes)
+
+
+def as_dict(params: Thresholds) -> dict[str, Any]:
+    """Thresholds as ``postprocess.yaml`` writes them."""
+    return params.as_dict() if isinstance(params, ByModality) else dataclasses.asdict(params)
+
+
+def _plain(params: Thresholds) -> Params:
+    if isinstance(params, ByModality):
+        raise TypeError(
+            "thresholds by modality: pick an image's with image_thresholds or thresholds_for"
+        )
+    return params
 
 
 class Family(ABC):
@@ -161,7 +237,7 @@ class UnetPlusPlusFamily(Family):
         return predictor.tile_count(shape, options)
 
     def to_labels(self, raw, params):
-        return instances_from_probabilities(raw, params)
+        return instances_from_probabilities(raw, _plain(params))
 
     def combine(self, raws, options):
         # Averaged maps: the models' agreement decides every boundary. Summed as they
@@ -264,7 +340,7 @@ class MaskRCNNFamily(Family):
         return detection.tile_count(shape, config.maskrcnn, options)
 
     def to_labels(self, raw: SoftInstances, params: InstanceParams) -> np.ndarray:
-        return instances_to_labels(raw, params)
+        return instances_to_labels(raw, _plain(params))
 
     def combine(self, raws, options):
         # Found by at least ceil(vote_fraction x models) models, masks averaged.
@@ -314,7 +390,7 @@ def run_config(run_dir: str | Path) -> TrainConfig:
     raise FileNotFoundError(f"{run_dir}: no fold<K>/{CONFIG}")
 
 
-def load_params(run_dir: str | Path) -> Params:
+def load_params(run_dir: str | Path) -> Thresholds:
     """The run's tuned thresholds (``postprocess.yaml``), else those its folds trained with.
 
     The thresholds are those of the run's family: watershed thresholds for
@@ -330,26 +406,52 @@ def load_params(run_dir: str | Path) -> Params:
     return family.params(config)
 
 
-def read_params(path: str | Path, family: Family) -> Params:
+def read_params(path: str | Path, family: Family) -> Thresholds:
     """Thresholds of ``family`` from a YAML file such as a run's ``postprocess.yaml``.
 
-    Settings the file leaves out keep their defaults.
+    Settings the file leaves out keep their defaults. A ``modalities`` mapping
+    (modality -> the settings that differ for its images) gives a
+    :class:`ByModality`.
 
     Raises:
-        ValueError: If the file names settings the family does not have.
+        ValueError: If the file names settings the family does not have, or
+            modalities that do not exist.
         nucleiseg.data.reading.DataError: If it is not a YAML mapping, naming it.
     """
     values = read_yaml(path)
+    own = values.pop("modalities", None)
     known = {f.name for f in dataclasses.fields(family.params_type)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path}: not {family.name} settings: {', '.join(unknown)}")
-    return family.params_type(**values)
+
+    def check(settings: Any, where: str) -> None:
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path}: {where.rstrip()} must be a mapping of settings")
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"{path}: {where}not {family.name} settings: {', '.join(unknown)}")
+
+    check(values, "")
+    default = family.params_type(**values)
+    if own is None:
+        return default
+    if not isinstance(own, dict) or not own:
+        raise ValueError(f"{path}: modalities must map modalities to the settings that differ")
+    strange = sorted(set(own) - set(MODALITIES))
+    if strange:
+        raise ValueError(
+            f"{path}: unknown modalities {', '.join(map(str, strange))}; "
+            f"choose from {', '.join(MODALITIES)}"
+        )
+    for modality, settings in own.items():
+        check(settings, f"modalities: {modality}: ")
+    return ByModality(
+        default,
+        tuple((m, dataclasses.replace(default, **own[m])) for m in MODALITIES if m in own),
+    )
 
 
-def params_by_family(runs: Sequence[str | Path]) -> dict[str, Params]:
+def params_by_family(runs: Sequence[str | Path]) -> dict[str, Thresholds]:
     """Thresholds per family: those of the first run of each family (see :func:`load_params`)."""
-    params: dict[str, Params] = {}
+    params: dict[str, Thresholds] = {}
     for run in runs:
         name = run_config(run).model
         if name not in params:

@@ -58,7 +58,14 @@ from nucleiseg.data.targets import UNKNOWN
 from nucleiseg.inference import tta
 from nucleiseg.inference.batchnorm import adapt_batchnorm
 from nucleiseg.inference.ensemble import detection_body, labels_from_raws
-from nucleiseg.inference.family import Params, get_family, params_by_family, run_config
+from nucleiseg.inference.family import (
+    Thresholds,
+    as_dict,
+    get_family,
+    image_thresholds,
+    params_by_family,
+    run_config,
+)
 from nucleiseg.inference.predictor import (
     FoldModel,
     InferenceOptions,
@@ -72,6 +79,7 @@ from nucleiseg.models.config import TrainConfig, load_config, save_config
 from nucleiseg.models.runs import (
     CONFIG,
     EPOCHS_CSV,
+    POSTPROCESS_YAML,
     fold_dirs,
     read_run_info,
     run_root,
@@ -241,7 +249,7 @@ class AdaptPlan:
     runs: list[Path]
     folds: list[FoldPlan]
     kept: list[BundlePart]
-    params: dict[str, Params]
+    params: dict[str, Thresholds]
     options: InferenceOptions
     bundle_options: dict[str, Any]
     settings: AdaptConfig
@@ -432,7 +440,7 @@ def plan_adaptation(
 def _voter_outputs(
     models: Sequence[FoldModel],
     image: np.ndarray,
-    params: Mapping[str, Params],
+    params: Mapping[str, Thresholds],
     device: torch.device,
     options: InferenceOptions,
 ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
@@ -444,6 +452,7 @@ def _voter_outputs(
     R-CNN voter is one fold model over every view (its views vote inside
     it, as it always predicts).
     """
+    params = image_thresholds(params, image)
     raws: dict[str, list] = {}
     voters, bodies = [], []
     one_view = dataclasses.replace(options, tta="none", scales=(1.0,), size_adaptive=False)
@@ -468,7 +477,7 @@ def _voter_outputs(
 def make_pseudo_labels(
     models: Sequence[FoldModel],
     images: Mapping[str, np.ndarray],
-    params: Mapping[str, Params],
+    params: Mapping[str, Thresholds],
     device: torch.device,
     options: InferenceOptions,
     rule: PseudoLabelParams,
@@ -604,6 +613,10 @@ def run_adaptation(plan: AdaptPlan, device: torch.device, note: str = "") -> Ada
             pseudo = []
         else:
             run_dirs, folds, pseudo = _self_training(plan, targets, sources, device)
+        for run_dir in run_dirs:
+            # The start model's tuned thresholds: the target has no labels to tune on.
+            thresholds = as_dict(plan.params[run_config(run_dir).model])
+            write_text(run_dir / POSTPROCESS_YAML, yaml.safe_dump(thresholds, sort_keys=False))
         parts = [BundlePart(d, None, plan.settings.precision) for d in run_dirs] + plan.kept
         record = _record(plan, folds, pseudo, (time.perf_counter() - started) / 60)
         export(

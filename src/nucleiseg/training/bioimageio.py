@@ -43,7 +43,7 @@ from nucleiseg.atomic import WriteError, write_bytes
 from nucleiseg.data.dataset import IMAGE_MEAN, IMAGE_STD, to_tensor
 from nucleiseg.data.intensity import PERCENTILE, normalize_input
 from nucleiseg.data.sizing import TRAIN_PIXEL_SIZE
-from nucleiseg.inference.family import load_params
+from nucleiseg.inference.family import as_dict, load_params
 from nucleiseg.models.build import build_model, load_weights
 from nucleiseg.models.config import TrainConfig, load_config, plain
 from nucleiseg.models.runs import CONFIG, run_root, weights_path
@@ -149,7 +149,11 @@ def _documentation(config: TrainConfig, fold: str, thresholds: dict, source: str
         if stretched
         else "the pixels are divided by 255, then"
     )
-    rows = "\n".join(f"| `{name}` | {value} |" for name, value in thresholds.items())
+    rows = "\n".join(
+        f"| `{name}` | {value} |" for name, value in thresholds.items() if name != "modalities"
+    )
+    for modality, own in thresholds.get("modalities", {}).items():
+        rows += "".join(f"\n| `{name}`, {modality} images | {v} |" for name, v in own.items())
     return f"""# {config.experiment}, {fold}: nuclei as body, border and separation maps
 
 A U-Net++ ({config.encoder} encoder) trained by nucleiseg on the DSB 2018
@@ -246,7 +250,7 @@ def export_bioimageio(fold_dir: Path, out: Path, image: np.ndarray) -> Path:
         TEST_OUTPUT: _npy(probabilities.astype(np.float32)),
     }
     run = run_root(fold_dir)
-    thresholds = dataclasses.asdict(load_params(run))
+    thresholds = as_dict(load_params(run))
     source = (
         "tuned on out-of-fold predictions"
         if (run / "postprocess.yaml").is_file()

@@ -33,6 +33,7 @@ import logging
 import time
 import typing
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,15 @@ from nucleiseg.data.reading import (
     load_sample,
 )
 from nucleiseg.data.sources import load_source, parse_sources, tile_sample
-from nucleiseg.inference.family import Family, Params, get_family, load_params, run_config
+from nucleiseg.inference.family import (
+    Family,
+    Params,
+    Thresholds,
+    for_modality,
+    get_family,
+    load_params,
+    run_config,
+)
 from nucleiseg.inference.predictor import load_fold_models
 from nucleiseg.models.compact import PRECISIONS
 from nucleiseg.models.config import TrainConfig, load_config, merge
@@ -243,15 +252,15 @@ class StartModel:
         fold_dir: Its fold folder (``config.yaml`` and weights).
         weights: Its compact weights.
         config: The configuration it was trained with.
-        params: The thresholds it predicts with: its run's tuned ones, else
-            those it trained with.
+        params: The thresholds it predicts with: its run's tuned ones (by modality
+            where they differ by modality), else those it trained with.
     """
 
     source: Path
     fold_dir: Path
     weights: Path
     config: TrainConfig
-    params: Params
+    params: Thresholds
 
 
 def resolve_start(
@@ -502,12 +511,14 @@ def plan_finetune(
     if problems:
         return None, problems
     params_field = _params_field(get_family(start.config.model))
+    # Thresholds by modality: those of the modality most of the labelled images have.
+    modality = Counter(classify_modality(s.image) for s in samples).most_common(1)[0][0]
     config = load_config(
         start.fold_dir / CONFIG,
         {
             **settings.train,
             "experiment": out_dir.name,
-            params_field: dataclasses.asdict(start.params),
+            params_field: dataclasses.asdict(for_modality(start.params, modality)),
         },
     )
     config = dataclasses.replace(
@@ -588,7 +599,8 @@ def _start_scores(
     for sample in samples:
         loss, raw = family.evaluate(member.model, sample, member.config, device)
         losses.append(loss)
-        labels = family.to_labels(raw, plan.start.params)
+        params = for_modality(plan.start.params, classify_modality(sample.image))
+        labels = family.to_labels(raw, params)
         scores.append(average_precision(sample.labels, labels).score)
     return float(np.mean(losses)), scores
 
