@@ -495,7 +495,9 @@ def _predict_slide(args: argparse.Namespace, inputs: _Inputs):
 
 
 def _record(args: argparse.Namespace, inputs: _Inputs) -> dict:
-    """The submission's record: images, models, options and the images' pixel sizes."""
+    """The submission's record: images, models, options, thresholds and the images' pixel
+    sizes."""
+    from nucleiseg.inference.family import as_dict
     from nucleiseg.models.config import plain
 
     models = (
@@ -507,6 +509,7 @@ def _record(args: argparse.Namespace, inputs: _Inputs) -> dict:
         "fast": args.fast,
         "adapt_bn": args.adapt_bn,
         "inference": plain(dataclasses.asdict(inputs.settings.options)),
+        "thresholds": {name: plain(as_dict(each)) for name, each in inputs.params.items()},
     }
     if inputs.pixel_sizes:
         record["pixel_size"] = {"training": TRAIN_PIXEL_SIZE, "images": inputs.pixel_sizes}

@@ -24,6 +24,7 @@ from nucleiseg import api, cli
 from nucleiseg.atomic import WriteError
 from nucleiseg.data import reading, side_outputs
 from nucleiseg.data.label_files import label_files, read_label_file
+from nucleiseg.inference.family import as_dict
 from nucleiseg.training.reference import MANIFEST
 
 WEIGHTS = REPO_ROOT / "weights"
@@ -195,6 +196,7 @@ def test_predict_gives_what_the_api_gives_with_rois_and_a_record(model, images, 
     record = yaml.safe_load(out.with_suffix(".yaml").read_text())
     assert record["weights"] == str(WEIGHTS) and record["fast"] is True
     assert record["inference"]["tta"] == "none" and "pixel_size" not in record
+    assert record["thresholds"] == {name: as_dict(p) for name, p in model.params.items()}
 
 
 @pytest.mark.slow

@@ -183,7 +183,9 @@ def test_torchrun_continues_a_fold_in_two_processes_with_resume(tmp_path, repo_r
     first = pd.read_csv(run / "fold0" / runs.EPOCHS_CSV)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
     command = [*torchrun, "2", *train, "--epochs", "3", "--resume"]
-    subprocess.run([str(part) for part in command], check=True, timeout=600)
+    # torchrun gives each process one thread unless OMP_NUM_THREADS says otherwise.
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    subprocess.run([str(part) for part in command], check=True, timeout=600, env=env)
     info = runs.read_run_info(run / "fold0")
     assert info["processes"] == 2 and info["threads"] == 1
     history = pd.read_csv(run / "fold0" / runs.EPOCHS_CSV)
