@@ -48,12 +48,12 @@ def main(args: argparse.Namespace) -> None:
     max_diff, mean_diff = 0.0, []
     for image_id in ids:
         sample = reading.load_sample(image_id, images[image_id])
+        own = for_modality(params, classify_modality(sample.image))
         maps = {}
         for bf16 in (False, True):
             started = time.perf_counter()
             maps[bf16] = predict_probabilities(member.model, sample.image, device, amp=bf16)
             seconds[bf16] += time.perf_counter() - started
-            own = for_modality(params, classify_modality(sample.image))
             labels = instances_from_probabilities(maps[bf16], own)
             scores[bf16].append(average_precision(sample.labels, labels).score)
         diff = np.abs(maps[True] - maps[False])
